@@ -1,14 +1,192 @@
-"""Running a sweep for real (Ray Data traces -> Ray Tune trials -> results). Not built yet."""
+"""Run a validated sweep end to end: models -> problems -> teacher traces -> Tune grid -> results.
+
+Each stage is resumable: the embedded models and the traces are cached by content, finished trials keep a
+record and are skipped, unfinished trials resume from their last Ray Train checkpoint.
+"""
 
 from __future__ import annotations
 
-from raykd.plan import Plan
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from raykd.plan import TRIAL_DRIVER, Plan, Trial
+from raykd.report import References, write_results
 from raykd.spec import SweepSpec
+from raykd.trial import read_record, run_trial, write_record
+
+# Settings every Ray process of a CPU run needs; set before ray.init so local workers inherit them.
+CPU_ENV = {
+    "DS_ACCELERATOR": "cpu",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    # The Ray dashboard's Train page lists every Train V2 run (so every trial) only with this set.
+    "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
+}
+
+
+@dataclass(frozen=True)
+class Models:
+    tokenizer_dir: str
+    teacher_dir: str
+    student_dir: str
+    teacher_accuracy: float | None = None
+    student_accuracy: float | None = None
+
+
+def _log(msg: str) -> None:
+    print(f"[raykd {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def start_ray(spec: SweepSpec, cache_dir: Path) -> None:
+    import ray
+
+    env = dict(CPU_ENV)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir / "torch_extensions"))
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`, or pointed at a cluster
+        ray.init(runtime_env={"env_vars": {k: os.environ[k] for k in env}})
+    else:
+        ray.init(num_cpus=spec.resources.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+def prepare_models(spec: SweepSpec, cache_dir: Path) -> Models:
+    if spec.teacher.model != "embedded":
+        return Models(spec.teacher.model, spec.teacher.model, spec.student.model)
+    from raykd.embedded import bootstrap
+
+    _log(f"embedded models for task '{spec.problems.task}' (built once, cached under {cache_dir})")
+    built = bootstrap(
+        spec.problems.task, spec.problems.seed, cache_dir / "embedded", steps=spec.problems.steps
+    )
+    return Models(
+        str(built.tokenizer_dir),
+        str(built.teacher_dir),
+        str(built.student_dir),
+        built.teacher_accuracy,
+        built.student_accuracy,
+    )
+
+
+def load_problems(spec: SweepSpec) -> tuple[list[Any], list[Any]]:
+    p = spec.problems
+    if p.source == "builtin":
+        from raykd.problems.tasks import make_problems
+
+        kw = {"steps": p.steps}
+        return (
+            make_problems(p.task, "train", p.train_size, p.seed, **kw),
+            make_problems(p.task, "eval", p.eval_size, p.seed, **kw),
+        )
+    from raykd.problems.sources import load_problems as load_file
+
+    problems = load_file(p.path, p.prompt_field, p.answer_field)
+    eval_part, train_part = problems[: p.eval_size], problems[p.eval_size :][: p.train_size]
+    return train_part, eval_part
+
+
+def trial_config(
+    spec: SweepSpec, plan: Plan, trial: Trial, models: Models, traces_path: str, eval_path: str
+) -> dict[str, Any]:
+    train = spec.training
+    return {
+        "trial": {**asdict(trial), "trial_id": trial.trial_id, "segments_label": trial.segments_label},
+        "output_dir": plan.output_dir,
+        "traces_path": traces_path,
+        "train": {
+            **train.model_dump(exclude={"kd"}),
+            **train.kd.model_dump(),
+            "policy": train.truncation_policy,
+            "tokenizer_dir": models.tokenizer_dir,
+            "student_dir": models.student_dir,
+            "teacher_dir": models.teacher_dir,
+            "trust_remote_code": spec.student.trust_remote_code,
+            **spec.resources.model_dump(exclude={"num_cpus"}),
+        },
+        "evaluation": spec.evaluation.model_dump(),
+        "check": spec.problems.answer_check,
+        "eval_problems_path": eval_path,
+    }
+
+
+def run_trials(spec: SweepSpec, plan: Plan, configs: list[dict[str, Any]]) -> None:
+    """Run the pending trials in a Tune grid; a failed trial gets a 'failed' record, the others go on."""
+    from ray import tune
+
+    # The trial itself holds only its driver's CPU; its TorchTrainer and vLLM evaluator ask Ray for their own.
+    trainable = tune.with_resources(run_trial, {"cpu": TRIAL_DRIVER.cpus})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"cfg": tune.grid_search(configs)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=plan.concurrent, reuse_actors=False),
+        run_config=tune.RunConfig(
+            name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(Path(plan.output_dir).resolve() / "tune"),
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            verbose=1,
+        ),
+    )
+    grid = tuner.fit()
+    for result in grid:
+        cfg = result.config["cfg"]
+        if result.error is not None and read_record(plan.output_dir, cfg["trial"]["trial_id"]) is None:
+            trial = cfg["trial"]
+            write_record(
+                plan.output_dir,
+                trial["trial_id"],
+                {
+                    "trial_id": trial["trial_id"],
+                    "fraction": trial["fraction"],
+                    "segments": trial["segments_label"],
+                    "seed": trial["seed"],
+                    "status": "failed",
+                    "error": str(result.error).strip().splitlines()[-1][:300],
+                },
+            )
 
 
 def run_sweep(spec: SweepSpec, plan: Plan) -> int:
-    print(
-        "\nerror: running a sweep is not available yet in this version of raykd; "
-        "only --dry-run works (it validates the spec and prints the plan above)."
-    )
-    return 2
+    out = Path(plan.output_dir)
+    cache_dir = Path(spec.output.dir) / "cache"
+    started = time.time()
+    start_ray(spec, cache_dir.resolve())
+    models = prepare_models(spec, cache_dir)
+    train_problems, eval_problems = load_problems(spec)
+    _log(f"{len(train_problems)} training problems, {len(eval_problems)} held-out problems")
+
+    from raykd.traces import generate_traces
+
+    traces = generate_traces(spec, train_problems, models.tokenizer_dir, models.teacher_dir, spec.output.dir)
+    _log(f"traces: {traces.path} {traces.summary}")
+
+    eval_path = out / "eval_problems.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    eval_path.write_text("".join(json.dumps(asdict(p)) + "\n" for p in eval_problems))
+
+    pending = [
+        t for t in plan.trials if (read_record(plan.output_dir, t.trial_id) or {}).get("status") != "ok"
+    ]
+    _log(f"{len(plan.trials) - len(pending)} trial(s) already finished, {len(pending)} to run")
+    if pending:
+        configs = [trial_config(spec, plan, t, models, str(traces.path), str(eval_path)) for t in pending]
+        run_trials(spec, plan, configs)
+
+    records = [read_record(plan.output_dir, t.trial_id) for t in plan.trials]
+    done = [r for r in records if r is not None]
+    refs = References(models.teacher_accuracy, models.student_accuracy)
+    table = write_results(done, out, refs)
+    print("\n" + table + "\n")
+    print(f"results: {out / 'results.md'}  {out / 'results.csv'}  {out / 'frontier.png'}")
+    print(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    print(f"students (HF format): {out / 'trials'}/<trial>/student")
+    print(f"wall time: {time.time() - started:.0f} s")
+    incomplete = len(done) < len(plan.trials) or any(r["status"] != "ok" for r in done)
+    if incomplete:
+        print("sweep incomplete: run the same command again to retry the failed or missing trials")
+    return 1 if incomplete else 0

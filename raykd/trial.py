@@ -1,0 +1,89 @@
+"""One Ray Tune trial: distil a student at one grid point with a TorchTrainer, then evaluate it with vLLM.
+
+The trial's record (result.json) is the source of truth for the results table and for resume: a trial with a
+record is finished and is not run again; one without restarts, and its TorchTrainer (same name, same storage)
+picks up the latest checkpoint Ray Train saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+RECORD = "result.json"
+
+
+def trial_dir(output_dir: str, trial_id: str) -> Path:
+    return Path(output_dir) / "trials" / trial_id
+
+
+def read_record(output_dir: str, trial_id: str) -> dict[str, Any] | None:
+    path = trial_dir(output_dir, trial_id) / RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_record(output_dir: str, trial_id: str, record: dict[str, Any]) -> None:
+    """Atomically: a crash mid-write never leaves a record that claims the trial finished."""
+    folder = trial_dir(output_dir, trial_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, folder / RECORD)
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable. `config` holds everything (no globals): the grid point, training settings,
+    model paths, the traces folder and the eval problems."""
+    import ray
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raykd.evaluate import evaluate_student
+    from raykd.kd.trainer import build_trainer
+    from raykd.problems.tasks import Problem
+    from raykd.spec import EvaluationSpec
+
+    trial = config["trial"]
+    out = config["output_dir"]
+    start = time.time()
+    train_cfg = dict(
+        config["train"], fraction=trial["fraction"], segments=trial["segments"], seed=trial["seed"]
+    )
+    train_cfg["student_out"] = str(trial_dir(out, trial["trial_id"]) / "student")
+    train_cfg["tensorboard_dir"] = str(Path(out) / "tensorboard" / trial["trial_id"])
+    trainer = build_trainer(
+        train_cfg,
+        datasets={"train": ray.data.read_parquet(config["traces_path"])},
+        storage_path=str(Path(out).resolve() / "trials"),
+        name=trial["trial_id"],
+        callbacks=[TuneReportCallback()],
+    )
+    train_metrics = trainer.fit().metrics or {}
+    eval_start = time.time()
+    lines = Path(config["eval_problems_path"]).read_text().splitlines()
+    problems = [Problem(**json.loads(line)) for line in lines]
+    eval_spec = EvaluationSpec(**config["evaluation"])
+    evaluation = evaluate_student(train_metrics["student_dir"], problems, eval_spec, config["check"])
+    record = {
+        "trial_id": trial["trial_id"],
+        "fraction": trial["fraction"],
+        "segments": trial["segments_label"],
+        "seed": trial["seed"],
+        "status": "ok",
+        "accuracy": evaluation.accuracy,
+        "stderr": evaluation.stderr,
+        "kept_tokens": train_metrics.get("kept_tokens"),
+        "supervised_tokens": train_metrics.get("supervised_tokens"),
+        "flops": train_metrics.get("flops"),
+        "peak_mem_mb": (train_metrics.get("peak_mem_bytes") or 0) / 2**20 or None,
+        "train_s": train_metrics.get("wall_s"),
+        "eval_s": time.time() - eval_start,
+        "wall_s": time.time() - start,
+        "student_dir": train_metrics["student_dir"],
+        "train_metrics": {k: v for k, v in train_metrics.items() if isinstance(v, int | float | str)},
+    }
+    write_record(out, trial["trial_id"], record)
+    tune.report({"accuracy": evaluation.accuracy, "stderr": evaluation.stderr, "done": True})
