@@ -18,14 +18,17 @@ from raykd.report import References, write_results
 from raykd.spec import SweepSpec
 from raykd.trial import read_record, run_trial, write_record
 
-# Settings every Ray process of a CPU run needs; set before ray.init so local workers inherit them.
-CPU_ENV = {
-    "DS_ACCELERATOR": "cpu",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
+# Settings every Ray process needs; set before ray.init so local workers inherit them.
+RAY_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     # The Ray dashboard's Train page lists every Train V2 run (so every trial) only with this set.
     "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
 }
+CPU_ENV = {"DS_ACCELERATOR": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+# A custom resource only the head node has (cluster/ configs give it 1000): trial drivers ask for one unit, so
+# they (and the Train controllers Ray places beside them) never land on spot GPU workers.
+HEAD_RESOURCE = "raykd_head"
 
 
 @dataclass(frozen=True)
@@ -41,19 +44,36 @@ def _log(msg: str) -> None:
     print(f"[raykd {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot run this sweep as configured; the message names the fix."""
+
+
 def start_ray(spec: SweepSpec, cache_dir: Path) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local Ray."""
     import ray
 
-    env = dict(CPU_ENV)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir / "torch_extensions"))
+    env = dict(RAY_ENV, TORCH_EXTENSIONS_DIR=str(cache_dir / "torch_extensions"))
+    if spec.resources.gpus_per_worker == 0 or spec.generation.gpus_per_engine == 0:
+        env |= CPU_ENV
     for key, value in env.items():
         os.environ.setdefault(key, value)
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`, or pointed at a cluster
-        ray.init(runtime_env={"env_vars": {k: os.environ[k] for k in env}})
-    else:
-        ray.init(num_cpus=spec.resources.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(runtime_env={"env_vars": {k: os.environ[k] for k in env}})
+        else:
+            ray.init(
+                num_cpus=spec.resources.num_cpus,
+                resources={HEAD_RESOURCE: 1000},
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+            )
+    if HEAD_RESOURCE not in ray.cluster_resources():
+        raise ClusterError(
+            f"the Ray cluster has no '{HEAD_RESOURCE}' resource, so trial drivers cannot be placed on "
+            "the head; "
+            f"start the head with: ray start --head --resources='{{\"{HEAD_RESOURCE}\": 1000}}' "
+            "(the configs in cluster/ do this)"
+        )
 
 
 def prepare_models(spec: SweepSpec, cache_dir: Path) -> Models:
@@ -120,7 +140,7 @@ def run_trials(spec: SweepSpec, plan: Plan, configs: list[dict[str, Any]]) -> No
     from ray import tune
 
     # The trial itself holds only its driver's CPU; its TorchTrainer and vLLM evaluator ask Ray for their own.
-    trainable = tune.with_resources(run_trial, {"cpu": TRIAL_DRIVER.cpus})
+    trainable = tune.with_resources(run_trial, {"cpu": TRIAL_DRIVER.cpus, HEAD_RESOURCE: 1})
     tuner = tune.Tuner(
         trainable,
         param_space={"cfg": tune.grid_search(configs)},
@@ -155,7 +175,11 @@ def run_sweep(spec: SweepSpec, plan: Plan) -> int:
     out = Path(plan.output_dir)
     cache_dir = Path(spec.output.dir) / "cache"
     started = time.time()
-    start_ray(spec, cache_dir.resolve())
+    try:
+        start_ray(spec, cache_dir.resolve())
+    except ClusterError as e:
+        print(f"error: {e}")
+        return 2
     models = prepare_models(spec, cache_dir)
     train_problems, eval_problems = load_problems(spec)
     _log(f"{len(train_problems)} training problems, {len(eval_problems)} held-out problems")
