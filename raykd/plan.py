@@ -81,6 +81,40 @@ def make_plan(spec: SweepSpec) -> Plan:
     )
 
 
+# Assumptions of the GPU-hour estimate. They are rough, stated, and printed with the estimate: replace them
+# with your own measurements (benchmarks/ measures tokens/s) before budgeting a real run.
+ASSUMED = {
+    "completion_fill": 0.6,  # mean teacher completion as a share of generation.max_tokens
+    "prompt_tokens": 200,  # mean chat-formatted prompt length
+    "kept_share": 0.7,  # share of traces that survive filter: keep_correct
+    "gen_tokens_per_s_per_gpu": 2000.0,  # vLLM decode, 8B teacher, batched
+    "train_tokens_per_s_per_gpu": 8000.0,  # DeepSpeed, ~2B student, bf16
+    "eval_tokens_per_s_per_gpu": 6000.0,  # vLLM decode, student
+    "startup_h_per_job": 5 / 60,  # model load, engine or trainer start
+}
+
+
+def gpu_hours(spec: SweepSpec, plan: Plan) -> dict[str, float]:
+    """A rough GPU-hour bill: generation + training (which scales with the sum of fractions) + evaluation."""
+    a, gen, p = ASSUMED, spec.generation, spec.problems
+    completion = a["completion_fill"] * gen.max_tokens
+    gen_gpus = gen.engines * gen.gpus_per_engine
+    gen_h = p.train_size * gen.samples_per_prompt * completion / 3600 / a["gen_tokens_per_s_per_gpu"]
+    gen_h += gen_gpus * a["startup_h_per_job"]
+    train_gpus = spec.resources.workers_per_trial * spec.resources.gpus_per_worker
+    seq_tokens = a["kept_share"] * p.train_size * gen.samples_per_prompt * (a["prompt_tokens"] + completion)
+    sum_f = sum(t.fraction for t in plan.trials)
+    train_h = sum_f * spec.training.epochs * seq_tokens / 3600 / a["train_tokens_per_s_per_gpu"]
+    train_h += len(plan.trials) * train_gpus * a["startup_h_per_job"]
+    ev = spec.evaluation
+    eval_h = len(plan.trials) * p.eval_size * ev.samples * completion / 3600 / a["eval_tokens_per_s_per_gpu"]
+    if not gen_gpus:
+        gen_h = 0.0
+    if not train_gpus:
+        train_h = eval_h = 0.0
+    return {"generation": gen_h, "training": train_h, "evaluation": eval_h}
+
+
 def describe_plan(spec: SweepSpec, plan: Plan) -> str:
     """The dry-run text: what would run, with what, and where results go."""
     kd, gen, res = spec.training.kd, spec.generation, spec.resources
@@ -100,6 +134,14 @@ def describe_plan(spec: SweepSpec, plan: Plan) -> str:
     ]
     for i, t in enumerate(plan.trials):
         lines.append(f"{i:>3}  {t.trial_id:<24} {t.fraction:>8.2f}  {t.segments_label:<10} {t.seed:>4}")
+    cost = gpu_hours(spec, plan)
+    if sum(cost.values()) > 0:
+        lines += [
+            "",
+            f"estimated GPU-hours: {sum(cost.values()):.0f} (generation {cost['generation']:.0f}, training "
+            f"{cost['training']:.0f}, evaluation {cost['evaluation']:.0f}); a rough guess from assumed rates "
+            "(raykd.plan.ASSUMED): measure yours with benchmarks/",
+        ]
     lines += [
         "",
         f"outputs: {plan.output_dir}/ (results.csv, results.md, frontier.png, trials/<trial>/)",

@@ -169,3 +169,23 @@ def test_cli_bad_spec_exits_2_and_names_every_key(tmp_path: Path) -> None:
     assert "sweep.truncation[1]: 2.0 is not in (0, 1]" in result.stderr
     assert "resources.cpus_per_worker" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_gpu_hour_estimate_follows_the_kept_fraction() -> None:
+    from raykd.plan import ASSUMED, gpu_hours
+
+    grid = yaml.safe_load((ROOT / "sweeps" / "grid.yaml").read_text())
+
+    def training_hours(fractions: list[float]) -> float:
+        data = copy.deepcopy(grid)
+        data["sweep"]["truncation"] = fractions
+        data["sweep"]["segments"] = [["cot"]]
+        spec = parse_spec(data)
+        plan = make_plan(spec)
+        startup = len(plan.trials) * 4 * ASSUMED["startup_h_per_job"]
+        return gpu_hours(spec, plan)["training"] - startup
+
+    assert training_hours([0.5]) == pytest.approx(0.5 * training_hours([1.0]))
+    assert training_hours([0.25, 1.0]) == pytest.approx(1.25 * training_hours([1.0]))
+    tiny = load_spec(ROOT / "sweeps" / "tiny.yaml")
+    assert sum(gpu_hours(tiny, make_plan(tiny)).values()) == 0  # a CPU run costs no GPU-hours
