@@ -135,16 +135,25 @@ def trial_config(
     }
 
 
+def _trial_name(trial: Any) -> str:
+    return trial.config["cfg"]["trial"]["trial_id"]
+
+
 def run_trials(spec: SweepSpec, plan: Plan, configs: list[dict[str, Any]]) -> None:
     """Run the pending trials in a Tune grid; a failed trial gets a 'failed' record, the others go on."""
     from ray import tune
 
-    # The trial itself holds only its driver's CPU; its TorchTrainer and vLLM evaluator ask Ray for their own.
+    # The trial holds no CPU, a unit of the head's resource; its trainer and evaluator ask for their own.
     trainable = tune.with_resources(run_trial, {"cpu": TRIAL_DRIVER.cpus, HEAD_RESOURCE: 1})
     tuner = tune.Tuner(
         trainable,
         param_space={"cfg": tune.grid_search(configs)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=plan.concurrent, reuse_actors=False),
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=plan.concurrent,
+            reuse_actors=False,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
         run_config=tune.RunConfig(
             name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(Path(plan.output_dir).resolve() / "tune"),
@@ -155,7 +164,8 @@ def run_trials(spec: SweepSpec, plan: Plan, configs: list[dict[str, Any]]) -> No
     grid = tuner.fit()
     for result in grid:
         cfg = result.config["cfg"]
-        if result.error is not None and read_record(plan.output_dir, cfg["trial"]["trial_id"]) is None:
+        finished = (read_record(plan.output_dir, cfg["trial"]["trial_id"]) or {}).get("status") == "ok"
+        if result.error is not None and not finished:
             trial = cfg["trial"]
             write_record(
                 plan.output_dir,

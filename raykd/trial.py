@@ -35,8 +35,8 @@ def write_record(output_dir: str, trial_id: str, record: dict[str, Any]) -> None
 
 
 def run_trial(config: dict[str, Any]) -> None:
-    """Tune function trainable. `config` holds everything (no globals): the grid point, training settings,
-    model paths, the traces folder and the eval problems."""
+    """Tune function trainable. `config["cfg"]` holds everything (no globals): the grid point, training
+    settings, model paths, the traces folder and the eval problems file."""
     import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -46,6 +46,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from raykd.problems.tasks import Problem
     from raykd.spec import EvaluationSpec
 
+    config = config["cfg"]
     trial = config["trial"]
     out = config["output_dir"]
     start = time.time()
