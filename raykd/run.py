@@ -183,7 +183,8 @@ def run_trials(spec: SweepSpec, plan: Plan, configs: list[dict[str, Any]]) -> No
 
 def run_sweep(spec: SweepSpec, plan: Plan) -> int:
     out = Path(plan.output_dir)
-    cache_dir = Path(spec.output.dir) / "cache"
+    # Embedded models and DeepSpeed's compiled extension; RAYKD_CACHE shares them between output folders.
+    cache_dir = Path(os.environ.get("RAYKD_CACHE") or Path(spec.output.dir) / "cache")
     started = time.time()
     try:
         start_ray(spec, cache_dir.resolve())
