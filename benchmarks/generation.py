@@ -13,7 +13,10 @@ them; transformers returns the logits and the top-k of their log-softmax is take
   last shard written (engine start-up is reported apart, it is paid once per sweep).
 - transformers: the same model in float32, batches of --hf-batch-size left-padded prompts, `generate` with
   `output_logits`; tokens/s counts generated tokens up to and including EOS over the wall time of all batches
-  (model load excluded). A batch runs until its longest member ends, as `generate` does.
+  (model load excluded). A batch runs until its longest member ends, as `generate` does. It runs with the
+  faster of 1 thread and all cores (a one-batch probe decides; both figures are in the JSON).
+vLLM runs --repeats times and its fastest run counts (the machine may be shared); transformers runs once, with
+the thread count its probe found faster.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=8, help="top-k logprobs kept per generated position")
     p.add_argument("--engines", type=int, default=1)
     p.add_argument("--vllm-batch-size", type=int, default=256, help="problems per engine call")
-    p.add_argument("--hf-batch-size", type=int, default=64)
+    p.add_argument("--hf-batch-size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2, help="vLLM runs; the fastest counts")
     return p.parse_args(argv)
 
 
@@ -110,14 +114,34 @@ def run_hf(args: argparse.Namespace, teacher: str, tokenizer_dir: str, problems:
 
     from raykd.traces.stages import chat_prompt_ids
 
-    torch.set_num_threads(os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompts = [chat_prompt_ids(tokenizer, p.prompt) for p in problems]
+    batches = [prompts[b : b + args.hf_batch_size] for b in range(0, len(prompts), args.hf_batch_size)]
+    # transformers' best thread count depends on the machine (on a shared 2-core box, 2 OpenMP threads ran
+    # 20x slower than 1): time one batch with each candidate, then run everything with the faster.
+    probe = {n: hf_batches(model, tokenizer, batches[:1], args, n) for n in sorted({1, os.cpu_count() or 1})}
+    threads = max(probe, key=lambda n: probe[n][0] / probe[n][1])
+    tokens, seconds = hf_batches(model, tokenizer, batches, args, threads)
+    return {
+        "hf_tokens_per_s": round(tokens / seconds, 1),
+        "hf_tokens": tokens,
+        "hf_seconds": round(seconds, 1),
+        "hf_threads": threads,
+        "hf_probe_tokens_per_s": {n: round(t / s, 1) for n, (t, s) in probe.items()},
+    }
+
+
+def hf_batches(
+    model: Any, tokenizer: Any, batches: list[list[list[int]]], args: Any, threads: int
+) -> tuple[int, float]:
+    """(generated tokens up to and including EOS, seconds) for `generate` over ``batches``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     tokens, start = 0, time.perf_counter()
-    for begin in range(0, len(prompts), args.hf_batch_size):
-        batch = prompts[begin : begin + args.hf_batch_size]
+    for batch in batches:
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
@@ -129,15 +153,9 @@ def run_hf(args: argparse.Namespace, teacher: str, tokenizer_dir: str, problems:
             )  # fmt: skip
             logprobs = torch.log_softmax(torch.stack(out.logits, 1).float(), -1)
             torch.topk(logprobs, args.k, dim=-1)  # what KD keeps per position, as vLLM reports it
-        generated = out.sequences[:, width:]
-        for row in generated.tolist():
+        for row in out.sequences[:, width:].tolist():
             tokens += row.index(eos) + 1 if eos in row else len(row)
-    seconds = time.perf_counter() - start
-    return {
-        "hf_tokens_per_s": round(tokens / seconds, 1),
-        "hf_tokens": tokens,
-        "hf_seconds": round(seconds, 1),
-    }
+    return tokens, time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
 
     teacher, tokenizer = _models(args)
     problems = make_problems(args.task, "train", args.prompts, seed=0)
-    vllm = run_vllm(args, teacher, tokenizer, problems)
+    vllm = max((run_vllm(args, teacher, tokenizer, problems) for _ in range(args.repeats)),
+               key=lambda r: r["vllm_tokens_per_s"])  # fmt: skip
     hf = run_hf(args, teacher, tokenizer, problems)
     result = {
         "vllm_tokens_per_s": vllm["vllm_tokens_per_s"],
@@ -159,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             **{k: v for k, v in vars(args).items() if k != "out"},
             "teacher": teacher,
+            "tokenizer": tokenizer,
             "cpus": os.cpu_count(),
         },
     }

@@ -2,8 +2,8 @@
 
 Built like Qwen2's: a regex split (single digits, words, punctuation runs, whitespace) then byte-level BPE, so
 any text encodes and decodes losslessly. Trained on the tasks' own text, every word and number of the tasks
-ends up one token. ``<think>``/``</think>`` and the ChatML markers are single special tokens; the chat template
-is ChatML, and generation ends at ``<|im_end|>``.
+ends up one token. ``<think>``/``</think>`` and the ChatML markers are single special tokens; the chat
+template is ChatML, and generation ends at ``<|im_end|>``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ CHAT_TEMPLATE = (
 
 
 def training_corpus(n_per_task: int = 200) -> list[str]:
-    """Chat-formatted texts of both built-in tasks (a fixed seed: the tokenizer is the same on every machine)."""
+    """Chat-formatted texts of both built-in tasks (fixed seed: the same tokenizer on every machine)."""
     texts = []
     for task in TASKS:
         for problem in make_problems(task, "train", n_per_task, seed=0):

@@ -130,7 +130,9 @@ def _cosine(schedule: Schedule) -> Callable[[int], float]:
 
 
 @torch.no_grad()
-def forced_exact(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 128) -> float:
+def forced_exact(
+    model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 128
+) -> float:
     """Share of examples whose every completion token is the model's argmax under teacher forcing.
 
     A lower bound on greedy accuracy that costs one forward pass: such an example decodes greedily to exactly
@@ -148,37 +150,69 @@ def forced_exact(model: torch.nn.Module, examples: Sequence[Example], pad_id: in
 
 
 @torch.no_grad()
-def greedy_completions(
-    model: torch.nn.Module, tokenizer: object, problems: Sequence[Problem], max_new_tokens: int, batch_size: int = 128
-) -> list[str]:
-    """Greedy completions (special tokens kept, so ``</think>`` stays visible), batched with left padding."""
+def greedy_ids(
+    model: torch.nn.Module, prompts: Sequence[list[int]], max_new_tokens: int, eos_id: int, pad_id: int
+) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` (EOS excluded), all rows at once with left padding and a KV cache.
+
+    The same tokens as ``model.generate(do_sample=False)``, without its per-step overhead, which dominates
+    for a model this small.
+    """
     model.eval()
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    finished = torch.zeros(len(prompts), dtype=torch.bool)
+    generated: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1).masked_fill(finished, eos_id)
+        generated.append(token)
+        finished |= token == eos_id
+        if bool(finished.all()):
+            break
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+    rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in prompts]
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
+
+
+def greedy_completions(
+    model: torch.nn.Module,
+    tokenizer: object,
+    problems: Sequence[Problem],
+    max_new_tokens: int,
+    batch_size: int = 256,
+) -> list[str]:
+    """Greedy completions as text, special tokens kept (so ``</think>`` stays visible), EOS dropped."""
     texts = []
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id  # type: ignore[attr-defined]
     for begin in range(0, len(problems), batch_size):
         heads = [prompt_ids(tokenizer, p.prompt) for p in problems[begin : begin + batch_size]]
-        width = max(len(h) for h in heads)
-        input_ids = torch.tensor([[pad_id] * (width - len(h)) + h for h in heads])
-        mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads])
-        out = model.generate(  # type: ignore[operator]
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos_id,
-            pad_token_id=pad_id,
-        )
-        for row in out[:, width:]:
-            ids = row.tolist()
-            ids = ids[: ids.index(eos_id)] if eos_id in ids else ids
+        eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id  # type: ignore[attr-defined]
+        for ids in greedy_ids(model, heads, max_new_tokens, eos_id, pad_id):
             texts.append(tokenizer.decode(ids, skip_special_tokens=False))  # type: ignore[attr-defined]
     return texts
 
 
 def greedy_accuracy(
-    model: torch.nn.Module, tokenizer: object, problems: Sequence[Problem], max_new_tokens: int, batch_size: int = 128
+    model: torch.nn.Module,
+    tokenizer: object,
+    problems: Sequence[Problem],
+    max_new_tokens: int,
+    batch_size: int = 256,
 ) -> float:
     """Share of ``problems`` whose greedy completion's answer (text after ``</think>``) matches exactly."""
     completions = greedy_completions(model, tokenizer, problems, max_new_tokens, batch_size)
-    hits = sum(is_correct(extract_answer(c, "exact"), p.answer, "exact") for c, p in zip(completions, problems))
+    hits = sum(
+        is_correct(extract_answer(c, "exact"), p.answer, "exact")
+        for c, p in zip(completions, problems, strict=True)
+    )
     return hits / max(1, len(problems))

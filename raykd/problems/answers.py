@@ -14,9 +14,10 @@ AnswerKind = Literal["exact", "math"]
 ANSWER_KINDS = ("exact", "math")
 
 # Markers after which the answer starts: ours/Qwen3's, and the Bespoke-Stratos / OpenThoughts one.
-THINK_ENDS = ("</think>", "<|end_of_thought|>")
+THINK_STARTS, THINK_ENDS = ("<think>", "<|begin_of_thought|>"), ("</think>", "<|end_of_thought|>")
 # Chat and trace-format markers such as <|im_end|>, <|endoftext|>, <|begin_of_solution|>.
 _MARKER = re.compile(r"<\|[a-z_]+\|>")
+_DOLLAR = re.compile(r"(?<!\\)\$")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
@@ -24,17 +25,23 @@ def extract_answer(completion_text: str, kind: AnswerKind) -> str | None:
     """The answer in ``completion_text``.
 
     exact: the text after the last ``</think>`` (markers and surrounding space removed), None without one.
-    math: the content of the last ``\\boxed{...}`` after the thinking (or anywhere, if there are no think tags);
-    failing that the text after the thinking; None if neither exists.
+    math: the content of the last ``\\boxed{...}`` after the thinking (anywhere, if the text has no think tags
+    at all); failing that the text after the thinking. None when the thinking never closed (a generation cut
+    off mid-thought), when a box never closes, or when nothing follows the thinking.
     """
     _check_kind(kind)
     after = _after_thinking(completion_text)
     if kind == "exact":
         return None if after is None else _clean(after)
-    boxed = last_boxed(completion_text if after is None else after)
+    if after is None and any(tag in completion_text for tag in THINK_STARTS):
+        return None
+    region = completion_text if after is None else after
+    boxed = last_boxed(region)
     if boxed is not None:
         return boxed.strip()
-    return None if after is None or not _clean(after) else _clean(after)
+    if after is None or not _clean(after) or _BOXED.search(after):
+        return None
+    return _clean(after)
 
 
 def is_correct(pred: str | None, ref: str, kind: AnswerKind) -> bool:
@@ -89,8 +96,8 @@ def _math_equal(pred: str, ref: str) -> bool:
 
 
 def _as_latex(answer: str) -> str:
-    # Bare LaTeX such as \dfrac{3}{4} is only recognised inside math delimiters.
-    return answer if "\\boxed" in answer or "$" in answer else f"${answer}$"
+    # Bare LaTeX such as \dfrac{3}{4} is only recognised inside math delimiters (an escaped \$ is a dollar).
+    return answer if "\\boxed" in answer or _DOLLAR.search(answer) else f"${answer}$"
 
 
 def _check_kind(kind: str) -> None:

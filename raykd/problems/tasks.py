@@ -2,14 +2,15 @@
 
 Two tasks, each deterministic from a seed and with difficulty knobs:
 
-- ``cups``: ``cups`` cups, a ball under one, ``steps`` swaps; the answer is the cup hiding the ball at the end.
+- ``cups``: ``cups`` cups, a ball under one, ``steps`` swaps; the answer is the cup hiding the ball at the
+  end.
 - ``modchain``: a value taken through ``steps`` operations (plus d, minus d, times u with u a unit) modulo
   ``modulus``; the answer is the final value.
 
-A small decoder solves both with the chain of thought and sits at chance without it (ENVIRONMENT.md). The chain is
-verbose on purpose: each step restates what it does ("step 3 : swap cups 4 and 1 . ball was under cup 1 , so now
-under cup 4 ."), so the chain of thought holds most of a trace's tokens, as in real reasoning traces, and a lead
-span of 0.5 cuts into the reasoning rather than into the prompt.
+A small decoder solves both with the chain of thought and sits at chance without it (ENVIRONMENT.md). The
+chain is verbose on purpose: each step restates what it does ("step 3 : swap cups 4 and 1 . ball was under
+cup 1 , so it is now under cup 4 ."), so the chain of thought holds most of a trace's tokens, as in real
+reasoning traces, and a lead span of 0.5 cuts into the reasoning rather than into the prompt.
 
 Train and eval splits never share a problem: a problem's split is a function of its content (a hash of its
 prompt), not of the seed, so no seed and no ``n`` can put one problem in both.
@@ -93,13 +94,22 @@ def make_problems(task: str, split: Split, n: int, seed: int, **knobs: int) -> l
     return list(problems.values())
 
 
+def space_size(task: str, **knobs: int) -> int:
+    """How many distinct problems ``task`` has with these knobs (both splits together)."""
+    k = resolve_knobs(task, **knobs)
+    if task == "cups":
+        return k["cups"] * (k["cups"] * (k["cups"] - 1)) ** k["steps"]
+    units = sum(math.gcd(u, k["modulus"]) == 1 for u in range(1, k["modulus"]))
+    return k["modulus"] * (2 * (k["modulus"] - 1) + units) ** k["steps"]
+
+
 def split_of(prompt: str) -> Split:
     """The split a prompt belongs to, from its content alone."""
     return "eval" if int(_digest(prompt)[:8], 16) % EVAL_BUCKETS == 0 else "train"
 
 
 def reference_completion(problem: Problem) -> str:
-    """The full assistant text for ``problem``: ``"<think> ...steps... </think> answer"`` (no end-of-turn token)."""
+    """The assistant text for ``problem``: ``"<think> ...steps... </think> answer"``, no end-of-turn token."""
     chain = _CHAINS[task_of(problem.prompt)](problem.prompt)
     return f"{THINK_OPEN}{chain}{THINK_CLOSE} {problem.answer}"
 
@@ -123,7 +133,7 @@ def _digest(text: str) -> str:
 def _draw_cups(rng: random.Random, cups: int, steps: int) -> tuple[str, str]:
     ball = rng.randint(1, cups)
     swaps = [tuple(rng.sample(range(1, cups + 1), 2)) for _ in range(steps)]
-    listed = " , ".join(f"{a} {b}" for a, b in swaps)
+    listed = " ".join(f"{step} ) {a} {b}" for step, (a, b) in enumerate(swaps, start=1))
     prompt = f"cups {cups} , ball under {ball} . swaps : {listed}"
     for a, b in swaps:
         ball = b if ball == a else a if ball == b else ball
@@ -133,8 +143,9 @@ def _draw_cups(rng: random.Random, cups: int, steps: int) -> tuple[str, str]:
 def _parse_cups(prompt: str) -> tuple[int, list[tuple[int, int]]]:
     head, listed = prompt.split(" . swaps : ")
     ball = int(head.split()[-1])
-    swaps = [tuple(int(x) for x in pair.split()) for pair in listed.split(" , ")]
-    return ball, swaps  # type: ignore[return-value]
+    numbers = [int(word) for word in listed.split() if word != ")"]
+    swaps = [(numbers[i + 1], numbers[i + 2]) for i in range(0, len(numbers), 3)]
+    return ball, swaps
 
 
 def _chain_cups(prompt: str) -> str:
@@ -142,7 +153,10 @@ def _chain_cups(prompt: str) -> str:
     lines = []
     for step, (a, b) in enumerate(swaps, start=1):
         after = b if ball == a else a if ball == b else ball
-        lines.append(f" step {step} : swap cups {a} and {b} . ball was under cup {ball} , so now under cup {after} .")
+        lines.append(
+            f" step {step} : swap cups {a} and {b} . ball was under cup {ball} ,"
+            f" so it is now under cup {after} ."
+        )
         ball = after
     return "".join(lines) + f" so the ball ends under cup {ball} ."
 
@@ -158,10 +172,10 @@ def _draw_modchain(rng: random.Random, modulus: int, steps: int) -> tuple[str, s
     ops = []
     for _ in range(steps):
         op = rng.choice(_OPS)
-        # Multiplying by a unit keeps every earlier operation visible in the answer (x0 or x5 mod 10 would not).
+        # Multiplying by a unit keeps every earlier operation visible in the answer (x0 or x5 mod 10 won't).
         operand = rng.choice(units) if op == "times" else rng.randint(1, modulus - 1)
         ops.append((op, operand))
-    listed = " , ".join(f"{op} {operand}" for op, operand in ops)
+    listed = " ".join(f"{step} ) {op} {operand}" for step, (op, operand) in enumerate(ops, start=1))
     prompt = f"start at {value} , modulo {modulus} . apply : {listed}"
     for op, operand in ops:
         value = _apply(value, op, operand) % modulus
@@ -174,15 +188,16 @@ def _apply(value: int, op: str, operand: int) -> int:
 
 def _chain_modchain(prompt: str) -> str:
     head, listed = prompt.split(" . apply : ")
-    words = head.split()
-    value, modulus = int(words[2]), int(words[-1])
+    value, modulus = int(head.split()[2]), int(head.split()[-1])
     lines = []
-    for step, item in enumerate(listed.split(" , "), start=1):
-        op, operand = item.split()
+    # listed: "1 ) plus 3 2 ) times 7 ..."
+    words = listed.split()
+    for step, index in enumerate(range(0, len(words), 4), start=1):
+        op, operand = words[index + 2], words[index + 3]
         raw = _apply(value, op, int(operand))
         lines.append(
-            f" step {step} : value is {value} , {value} {op} {operand} is {raw} , modulo {modulus} is "
-            f"{raw % modulus} ."
+            f" step {step} : the value is {value} , and {value} {op} {operand} is {raw} ,"
+            f" which modulo {modulus} is {raw % modulus} ."
         )
         value = raw % modulus
     return "".join(lines) + f" so the final value is {value} ."

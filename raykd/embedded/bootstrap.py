@@ -1,0 +1,360 @@
+"""Build (or reuse from cache) the embedded default: tokenizer, teacher and student base for a built-in task.
+
+- teacher: a Llama model trained on the task's full verbose chains until greedy decoding solves held-out
+  problems (checked cheaply with teacher-forced exact match, a lower bound on greedy accuracy);
+- student base: a smaller Llama model (fewer layers, same vocabulary) pretrained on the same task with
+  *shorter* chains (1 to ``base_steps`` steps). Like a pretrained base model it knows the format (think,
+  step, close the thinking, answer, stop) but has never done the long reasoning, so it sits well below the
+  teacher on the real problems and distillation has room to show, also from truncated traces, which never
+  show an ending.
+
+Everything lands in ``cache_dir/<task>-<key>/`` where the key hashes every input (task, knobs, seed, sizes,
+schedules, this code), written into a temporary folder and renamed, so a crash leaves nothing half-written
+and a second run (or a concurrent one, which waits on a lock) reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raykd.problems.tasks import (
+    EVAL_BUCKETS,
+    Problem,
+    make_problems,
+    reference_completion,
+    resolve_knobs,
+    space_size,
+)
+
+INFO_FILE = "embedded.json"
+_SOURCES = ("problems/tasks.py", "embedded/tokenizer.py", "embedded/train.py", "embedded/bootstrap.py")
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """A Llama decoder's shape; head_dim = hidden / heads must stay >= 32 for vLLM's CPU attention."""
+
+    layers: int
+    hidden: int = 128
+    heads: int = 4
+    intermediate: int = 512
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train one model: steps, batch, learning rate, and when to stop early."""
+
+    max_steps: int
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    check_every: int = 50
+    target: float = 0.97
+
+
+@dataclass(frozen=True)
+class EmbeddedModels:
+    """The three artifacts and their measured greedy accuracy on the task's held-out eval split."""
+
+    tokenizer_dir: Path
+    teacher_dir: Path
+    student_dir: Path
+    teacher_accuracy: float
+    student_accuracy: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+TEACHER = ModelSize(layers=4)
+STUDENT = ModelSize(layers=2)
+TEACHER_RECIPE = Recipe(max_steps=600)
+STUDENT_RECIPE = Recipe(max_steps=300, target=0.95)
+
+
+def bootstrap(
+    task: str,
+    seed: int,
+    cache_dir: str | Path,
+    *,
+    teacher: ModelSize = TEACHER,
+    student: ModelSize = STUDENT,
+    teacher_recipe: Recipe = TEACHER_RECIPE,
+    student_recipe: Recipe = STUDENT_RECIPE,
+    base_steps: int | None = None,
+    n_eval: int = 256,
+    n_check: int = 128,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+    **knobs: int,
+) -> EmbeddedModels:
+    """The embedded models for ``task``, built on the first call and read from ``cache_dir`` afterwards.
+
+    ``knobs`` are the task's difficulty knobs, as for ``make_problems`` (cups / modulus, steps).
+    ``base_steps`` caps the chain length the student base is pretrained on (default: half the task's steps).
+    ``n_eval`` held-out problems measure the accuracies; ``n_check`` others decide when training may stop.
+    ``threads`` defaults to the cores this process may use.
+    """
+    resolved = resolve_knobs(task, **knobs)
+    base_steps = base_steps or max(1, resolved["steps"] // 2)
+    inputs = {
+        "task": task,
+        "knobs": resolved,
+        "seed": seed,
+        "teacher": dataclasses.asdict(teacher),
+        "student": dataclasses.asdict(student),
+        "teacher_recipe": dataclasses.asdict(teacher_recipe),
+        "student_recipe": dataclasses.asdict(student_recipe),
+        "base_steps": base_steps,
+        "n_eval": n_eval,
+        "n_check": n_check,
+        "code": code_version(),
+    }
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    cache_dir = Path(cache_dir)
+    final = cache_dir / f"{task}-{key}"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent bootstrap of the same key waits, then reuses
+        if not (final / INFO_FILE).exists():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
+            try:
+                _build(tmp, inputs, threads, log)
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            log(f"embedded models for {task} (seed {seed}) reused from {final}")
+    return load(final)
+
+
+def load(folder: str | Path) -> EmbeddedModels:
+    """The EmbeddedModels of a finished cache folder."""
+    folder = Path(folder)
+    info = json.loads((folder / INFO_FILE).read_text())
+    return EmbeddedModels(
+        tokenizer_dir=folder / "tokenizer",
+        teacher_dir=folder / "teacher",
+        student_dir=folder / "student",
+        teacher_accuracy=info["teacher"]["accuracy"],
+        student_accuracy=info["student"]["accuracy"],
+        info=info,
+    )
+
+
+def code_version() -> str:
+    """Hash of the code that decides what gets built, so a change to it invalidates the cache."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _build(folder: Path, inputs: dict[str, Any], threads: int | None, log: Callable[[str], None]) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from raykd.embedded.tokenizer import build_tokenizer
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    start, cpu_start = time.perf_counter(), time.process_time()
+    try:
+        task, seed, knobs = inputs["task"], inputs["seed"], inputs["knobs"]
+        tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(folder / "tokenizer"))
+        problems = make_problems(task, "eval", inputs["n_eval"] + inputs["n_check"], seed, **knobs)
+        check_set, eval_set = problems[: -inputs["n_eval"]], problems[-inputs["n_eval"] :]
+        shape = sequence_shape(tokenizer, eval_set)
+        max_new = int(shape["completion_max"] * 1.25) + 8
+        teacher_problems = make_problems(task, "train", _n_train(inputs["teacher_recipe"]), seed, **knobs)
+        teacher = _train_model(
+            folder / "teacher",
+            tokenizer,
+            "teacher",
+            teacher_problems,
+            check_set,
+            eval_set,
+            max_new,
+            inputs,
+            log,
+        )
+        student_problems = _base_problems(
+            task, seed, knobs, inputs["base_steps"], _n_train(inputs["student_recipe"])
+        )
+        base_check = _base_problems(task, seed + 1, knobs, inputs["base_steps"], len(check_set), split="eval")
+        student = _train_model(
+            folder / "student",
+            tokenizer,
+            "student",
+            student_problems,
+            base_check,
+            eval_set,
+            max_new,
+            inputs,
+            log,
+        )
+        info = {
+            **inputs,
+            "teacher": teacher,
+            "student": student,
+            "sequence": shape,
+            "max_new_tokens": max_new,
+            "n_eval": len(eval_set),
+            "bootstrap_seconds": round(time.perf_counter() - start, 1),
+            "bootstrap_cpu_seconds": round(time.process_time() - cpu_start, 1),
+            "threads": torch.get_num_threads(),
+            "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
+        }
+        (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        log(
+            f"embedded {task}: teacher {teacher['accuracy']:.3f}, student base {student['accuracy']:.3f} "
+            f"(greedy, {len(eval_set)} held-out problems), {info['bootstrap_seconds']:.0f}s"
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train_model(
+    out: Path,
+    tokenizer: Any,
+    role: str,
+    train_problems: list[Problem],
+    check_problems: list[Problem],
+    eval_problems: list[Problem],
+    max_new: int,
+    inputs: dict[str, Any],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    import torch
+
+    from raykd.embedded import train as t
+
+    recipe = Recipe(**inputs[f"{role}_recipe"])
+    size = ModelSize(**inputs[role])
+    examples = [t.encode(tokenizer, p, reference_completion(p)) for p in train_problems]
+    checks = [t.encode(tokenizer, p, reference_completion(p)) for p in check_problems]
+    torch.manual_seed(inputs["seed"])
+    model = new_model(size, tokenizer)
+    schedule = t.Schedule(
+        recipe.max_steps, recipe.batch_size, recipe.lr, recipe.warmup_steps, recipe.check_every, recipe.target
+    )
+    stats = t.train(
+        model,
+        examples,
+        schedule,
+        tokenizer.pad_token_id,
+        inputs["seed"],
+        check=lambda m: t.forced_exact(m, checks, tokenizer.pad_token_id),
+        log=lambda line: log(f"{role}: {line}"),
+    )
+    started = time.perf_counter()
+    accuracy = t.greedy_accuracy(model, tokenizer, eval_problems, max_new)
+    # On the problems it trained on (the student base: shorter chains), to show it knows the format.
+    own_accuracy = t.greedy_accuracy(model, tokenizer, check_problems, max_new)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)  # each model folder loads on its own, as a hub checkpoint would
+    log(
+        f"{role}: greedy accuracy {accuracy:.3f} on {len(eval_problems)} held-out problems, "
+        f"{own_accuracy:.3f} on {len(check_problems)} of its own kind"
+    )
+    parameters = sum(p.numel() for p in model.parameters())
+    return {
+        **{k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()},
+        "accuracy": accuracy,
+        "accuracy_on_own_distribution": own_accuracy,
+        "eval_seconds": round(time.perf_counter() - started, 1),
+        "parameters": parameters,
+    }
+
+
+def new_model(size: ModelSize, tokenizer: Any) -> Any:
+    """A freshly initialised float32 Llama model for ``tokenizer``'s vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if size.hidden % size.heads or size.hidden // size.heads < 32:
+        raise ValueError(f"{size}: hidden / heads must be a whole number >= 32 (vLLM CPU attention)")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=1024,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    return LlamaForCausalLM(config)
+
+
+def sequence_shape(tokenizer: Any, problems: list[Problem]) -> dict[str, float]:
+    """Token counts of the reference traces and the P / CoT / A proportions (``<think>`` tags count as CoT).
+
+    Prompt = the chat-formatted prompt up to and including the assistant header; answer = everything after
+    ``</think>``, the end-of-turn token included.
+    """
+    from raykd.embedded import train as t
+
+    close = tokenizer.convert_tokens_to_ids("</think>")
+    totals = {"prompt": 0, "cot": 0, "answer": 0}
+    lengths, completions = [], []
+    for problem in problems:
+        example = t.encode(tokenizer, problem, reference_completion(problem))
+        completion = example.ids[example.n_prompt :]
+        answer = len(completion) - completion.index(close) - 1
+        totals["prompt"] += example.n_prompt
+        totals["cot"] += len(completion) - answer
+        totals["answer"] += answer
+        lengths.append(len(example.ids))
+        completions.append(len(completion))
+    tokens = sum(totals.values())
+    return {
+        **{f"{name}_share": round(count / tokens, 4) for name, count in totals.items()},
+        **{f"{name}_mean": round(count / len(problems), 1) for name, count in totals.items()},
+        "length_mean": round(sum(lengths) / len(lengths), 1),
+        "length_max": max(lengths),
+        "completion_max": max(completions),
+    }
+
+
+def _base_problems(
+    task: str, seed: int, knobs: dict[str, int], base_steps: int, n: int, split: str = "train"
+) -> list[Problem]:
+    # Shorter chains: an equal share of problems with 1, 2, ..., base_steps steps, shuffled together. Short
+    # chains have few distinct problems (5 cups, 1 step: 100), so those repeat rather than exhaust the split.
+    import random
+
+    per = -(-n // base_steps)
+    problems = []
+    for steps in range(1, base_steps + 1):
+        step_knobs = {**knobs, "steps": steps}
+        space = space_size(task, **step_knobs)
+        # Ask for at most half of what the split should hold, so rejection sampling finds them quickly.
+        available = space // EVAL_BUCKETS if split == "eval" else space - space // EVAL_BUCKETS
+        distinct = make_problems(task, split, max(1, min(per, available // 2)), seed, **step_knobs)
+        problems += (distinct * -(-per // len(distinct)))[:per]
+    random.Random(seed).shuffle(problems)
+    return problems[:n]
+
+
+def _n_train(recipe: dict[str, Any]) -> int:
+    return recipe["max_steps"] * recipe["batch_size"]
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)

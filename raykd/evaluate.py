@@ -1,0 +1,159 @@
+"""Evaluate a student with vLLM: sample answers to held-out problems, check them, report pass@1.
+
+Called inside a Ray Tune trial after training (`raykd.trial.run_trial`), or anywhere else:
+
+    from raykd.evaluate import evaluate_student
+    result = evaluate_student("runs/tiny/trials/f0.50_CoT_s0/student", problems, spec.evaluation, "exact")
+
+With Ray running, the engine lives in its own Ray actor that asks for its own CPU/GPU (outside the calling
+trial's placement group) and is killed afterwards, so its memory goes back with its process. Without Ray it
+runs in this process and is shut down before returning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raykd.traces import checks
+from raykd.traces.engine import EngineConfig, VllmEngine, request_seed
+
+STATUSES = ("correct", "wrong", "unparseable", "truncated")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """accuracy: pass@1 averaged over the samples of each problem, then over problems; stderr: its standard
+    error across problems (sample std / sqrt(n_problems)); counts: samples per status."""
+
+    accuracy: float
+    stderr: float
+    n_problems: int
+    n_samples: int
+    counts: dict[str, int] = field(default_factory=dict)
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+
+def evaluate_student(
+    model_dir: str | Path,
+    problems: list[Any],
+    eval_spec: Any,
+    check_kind: str,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    gpus: int = 0,
+    num_cpus: float = 1,
+    trust_remote_code: bool = False,
+) -> EvalResult:
+    """Sample ``eval_spec.samples`` completions per problem (temperature, top_p, max_tokens from
+    ``eval_spec``: raykd.spec.EvaluationSpec) and score them with ``check_kind`` ('exact' or 'math').
+
+    tokenizer_dir defaults to model_dir; gpus / num_cpus are what the engine actor asks Ray for.
+    """
+    from raykd.traces.stages import chat_prompt_ids, load_tokenizer
+
+    start = time.perf_counter()
+    model_dir = str(model_dir)
+    tokenizer_dir = str(tokenizer_dir or model_dir)
+    checks.check_model_path(model_dir, "evaluated model")
+    if not problems:
+        raise ValueError("no eval problems; set problems.eval_size to at least 1")
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
+    prompts = [chat_prompt_ids(tokenizer, p.prompt) for p in problems]
+    lengths = {p.id: len(ids) for p, ids in zip(problems, prompts, strict=True)}
+    context = checks.model_context(model_dir)
+    max_model_len = checks.check_context(lengths, eval_spec.max_tokens, context, "evaluation", model_dir)
+    config = EngineConfig(
+        model=model_dir,
+        tokenizer=tokenizer_dir,
+        max_model_len=max_model_len,
+        gpus=gpus,
+        trust_remote_code=trust_remote_code,
+        setting="evaluation",
+    )
+    n = eval_spec.samples
+    requests = [(i, s) for i in range(len(problems)) for s in range(n)]
+    seeds = [request_seed(problems[i].id, s) for i, s in requests]
+    sampling = {
+        "temperature": eval_spec.temperature,
+        "top_p": eval_spec.top_p,
+        "max_tokens": eval_spec.max_tokens,
+    }
+    outputs = run_engine(config, [prompts[i] for i, _ in requests], seeds, sampling, num_cpus)
+    texts = tokenizer.batch_decode([o["completion_ids"] for o in outputs], skip_special_tokens=False)
+    statuses = [
+        status_of(text, problems[i].answer, out["finish_reason"], check_kind)
+        for (i, _), text, out in zip(requests, texts, outputs, strict=True)
+    ]
+    correct = np.array([s == "correct" for s in statuses], np.float64).reshape(len(problems), n)
+    return summarize(correct, statuses, outputs, time.perf_counter() - start)
+
+
+def summarize(correct: np.ndarray, statuses: list[str], outputs: list[dict], seconds: float) -> EvalResult:
+    """correct: (problems, samples) 0/1 -> accuracy, stderr across problems, counts."""
+    per_problem = correct.mean(axis=1)
+    n_problems = len(per_problem)
+    stderr = float(per_problem.std(ddof=1) / math.sqrt(n_problems)) if n_problems > 1 else 0.0
+    return EvalResult(
+        accuracy=float(per_problem.mean()),
+        stderr=stderr,
+        n_problems=n_problems,
+        n_samples=correct.shape[1],
+        counts={s: statuses.count(s) for s in STATUSES},
+        completion_tokens=int(sum(len(o["completion_ids"]) for o in outputs)),
+        seconds=round(seconds, 2),
+    )
+
+
+def status_of(text: str, reference: str, finish_reason: str, kind: str) -> str:
+    """Like the trace check: a completion cut at max_tokens is 'truncated' (and so not correct)."""
+    from raykd.traces.stages import trace_status
+
+    return trace_status(text, reference, finish_reason, kind)[0]
+
+
+def run_engine(
+    config: EngineConfig,
+    prompts: list[list[int]],
+    seeds: list[int],
+    sampling: dict[str, Any],
+    num_cpus: float,
+) -> list[dict]:
+    """Generate with one engine: in its own Ray actor when Ray is up, else in this process; always freed."""
+    import ray
+
+    if not ray.is_initialized():
+        engine = VllmEngine(config)
+        try:
+            return engine.generate(prompts, seeds, sampling)
+        finally:
+            engine.shutdown()
+    # "DEFAULT" scheduling: a Tune trial's placement group (which captures child actors by default) holds only
+    # the trial's own CPU; the engine asks the cluster for its own.
+    actor_cls = ray.remote(VllmEngine).options(
+        num_cpus=num_cpus, num_gpus=config.gpus, scheduling_strategy="DEFAULT", max_restarts=0
+    )
+    actor = actor_cls.remote(config)
+    try:
+        return ray.get(actor.generate.remote(prompts, seeds, sampling))
+    except ray.exceptions.RayActorError as error:
+        raise checks_error(error) from error
+    finally:
+        # The actor may already be dead (a failed start); the kill frees whatever is left.
+        with contextlib.suppress(Exception):
+            ray.get(actor.shutdown.remote(), timeout=60)
+        ray.kill(actor)
+
+
+def checks_error(error: BaseException) -> BaseException:
+    """An engine that failed to start surfaces as EngineStartError with its own message."""
+    from raykd.traces.pipeline import engine_error
+
+    return engine_error(error)
