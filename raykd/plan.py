@@ -42,9 +42,9 @@ class Resources:
         return f"{self.cpus:g} CPU, {self.gpus:g} GPU"
 
 
-# The Tune trial itself (a function trainable that drives a TorchTrainer) mostly waits: it holds no CPU, only a
-# unit of the head's custom resource (raykd.run.HEAD_RESOURCE), so that the CPUs stay free for the trainer's
-# workers, Ray Data's read tasks and the vLLM evaluator (holding one here deadlocks small machines).
+# The Tune trial itself (a function trainable that drives a TorchTrainer) mostly waits: it holds no CPU,
+# only a unit of the head's custom resource (raykd.run.HEAD_RESOURCE), so that the CPUs stay free for the
+# trainer's workers, Ray Data's read tasks and the vLLM evaluator (holding one deadlocks small machines).
 TRIAL_DRIVER = Resources(cpus=0, gpus=0)
 
 
