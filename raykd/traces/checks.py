@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 # "org/name" with nothing that looks like a filesystem path: a hub id vLLM may resolve from its cache.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -133,11 +132,3 @@ def check_tensor_parallel(gpus_per_engine: int, tensor_parallel: int) -> None:
 
 def _has_tokenizer(folder: str) -> bool:
     return any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES)
-
-
-def describe_error(error: BaseException) -> str:
-    """The innermost useful message of an exception chain (Ray wraps actor errors)."""
-    seen: Any = error
-    while seen.__cause__ is not None:
-        seen = seen.__cause__
-    return str(seen)
