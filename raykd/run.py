@@ -104,9 +104,14 @@ def load_problems(spec: SweepSpec) -> tuple[list[Any], list[Any]]:
             make_problems(p.task, "train", p.train_size, p.seed, **kw),
             make_problems(p.task, "eval", p.eval_size, p.seed, **kw),
         )
-    from raykd.problems.sources import load_problems as load_file
+    if p.source == "traces":
+        from raykd.traces.existing import trace_problems
 
-    problems = load_file(p.path, p.prompt_field, p.answer_field)
+        problems = trace_problems(p.path)
+    else:
+        from raykd.problems.sources import load_problems as load_file
+
+        problems = load_file(p.path, p.prompt_field, p.answer_field)
     eval_part, train_part = problems[: p.eval_size], problems[p.eval_size :][: p.train_size]
     return train_part, eval_part
 
@@ -197,7 +202,14 @@ def run_sweep(spec: SweepSpec, plan: Plan) -> int:
 
     from raykd.traces import generate_traces
 
-    traces = generate_traces(spec, train_problems, models.tokenizer_dir, models.teacher_dir, spec.output.dir)
+    traces = generate_traces(
+        spec,
+        train_problems,
+        models.tokenizer_dir,
+        models.teacher_dir,
+        spec.output.dir,
+        student_dir=models.student_dir,  # refused before any generation if the vocabularies differ
+    )
     _log(f"traces: {traces.path} {traces.summary}")
 
     eval_path = out / "eval_problems.jsonl"
