@@ -125,6 +125,10 @@ def bootstrap(
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / f".{final.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent bootstrap of the same key waits, then reuses
+        # Temporary folders of a build that was killed (SIGKILL/SIGTERM skip cleanup); only we write them now.
+        for stale in cache_dir.glob(f".{final.name}.*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         if not (final / INFO_FILE).exists():
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
             try:

@@ -195,8 +195,10 @@ def _chain_modchain(prompt: str) -> str:
     for step, index in enumerate(range(0, len(words), 4), start=1):
         op, operand = words[index + 2], words[index + 3]
         raw = _apply(value, op, int(operand))
+        # The operation is copied first, right after the step label, as cups copies its swap: copied later
+        # (after "the value is v , and v"), a 4-layer teacher misread operands of late steps (92.6% greedy).
         lines.append(
-            f" step {step} : the value is {value} , and {value} {op} {operand} is {raw} ,"
+            f" step {step} : {op} {operand} . the value is {value} , and {value} {op} {operand} is {raw} ,"
             f" which modulo {modulus} is {raw % modulus} ."
         )
         value = raw % modulus
