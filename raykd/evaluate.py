@@ -50,12 +50,14 @@ def evaluate_student(
     tokenizer_dir: str | Path | None = None,
     gpus: int = 0,
     num_cpus: float = 1,
+    resources: dict[str, float] | None = None,
     trust_remote_code: bool = False,
 ) -> EvalResult:
     """Sample ``eval_spec.samples`` completions per problem (temperature, top_p, max_tokens from
     ``eval_spec``: raykd.spec.EvaluationSpec) and score them with ``check_kind`` ('exact' or 'math').
 
-    tokenizer_dir defaults to model_dir; gpus / num_cpus are what the engine actor asks Ray for.
+    tokenizer_dir defaults to model_dir; gpus / num_cpus / resources (custom) are what the engine actor asks
+    Ray for.
     """
     from raykd.traces.stages import chat_prompt_ids, load_tokenizer
 
@@ -86,7 +88,7 @@ def evaluate_student(
         "top_p": eval_spec.top_p,
         "max_tokens": eval_spec.max_tokens,
     }
-    outputs = run_engine(config, [prompts[i] for i, _ in requests], seeds, sampling, num_cpus)
+    outputs = run_engine(config, [prompts[i] for i, _ in requests], seeds, sampling, num_cpus, resources)
     texts = tokenizer.batch_decode([o["completion_ids"] for o in outputs], skip_special_tokens=False)
     statuses = [
         status_of(text, problems[i].answer, out["finish_reason"], check_kind)
@@ -125,6 +127,7 @@ def run_engine(
     seeds: list[int],
     sampling: dict[str, Any],
     num_cpus: float,
+    resources: dict[str, float] | None = None,
 ) -> list[dict]:
     """Generate with one engine: in its own Ray actor when Ray is up, else in this process; always freed."""
     import ray
@@ -138,7 +141,11 @@ def run_engine(
     # "DEFAULT" scheduling: a Tune trial's placement group (which captures child actors by default) holds only
     # the trial's own CPU; the engine asks the cluster for its own.
     actor_cls = ray.remote(VllmEngine).options(
-        num_cpus=num_cpus, num_gpus=config.gpus, scheduling_strategy="DEFAULT", max_restarts=0
+        num_cpus=num_cpus,
+        num_gpus=config.gpus,
+        resources=resources or {},
+        scheduling_strategy="DEFAULT",
+        max_restarts=0,
     )
     actor = actor_cls.remote(config)
     try:

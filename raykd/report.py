@@ -77,6 +77,8 @@ def _fmt(value: Any, col: str) -> str:
         return f"{value:.2e}"
     if col in ("accuracy", "stderr"):
         return f"{value:.3f}"
+    if col in ("kept_tokens", "supervised_tokens"):  # counts (Train reports them as floats)
+        return str(round(value))
     if isinstance(value, float):
         return f"{value:.1f}" if col != "fraction" else f"{value:.2f}"
     return str(value)

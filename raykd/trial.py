@@ -67,7 +67,16 @@ def run_trial(config: dict[str, Any]) -> None:
     lines = Path(config["eval_problems_path"]).read_text().splitlines()
     problems = [Problem(**json.loads(line)) for line in lines]
     eval_spec = EvaluationSpec(**config["evaluation"])
-    evaluation = evaluate_student(train_metrics["student_dir"], problems, eval_spec, config["check"])
+    engine = config["engine"]
+    evaluation = evaluate_student(
+        train_metrics["student_dir"],
+        problems,
+        eval_spec,
+        config["check"],
+        gpus=engine["gpus"],
+        resources=engine["resources"],
+        trust_remote_code=config["train"]["trust_remote_code"],
+    )
     record = {
         "trial_id": trial["trial_id"],
         "fraction": trial["fraction"],
@@ -84,6 +93,7 @@ def run_trial(config: dict[str, Any]) -> None:
         "eval_s": time.time() - eval_start,
         "wall_s": time.time() - start,
         "student_dir": train_metrics["student_dir"],
+        "train_node": train_metrics.get("node_id"),  # the Ray node of training rank 0
         "train_metrics": {k: v for k, v in train_metrics.items() if isinstance(v, int | float | str)},
     }
     write_record(out, trial["trial_id"], record)

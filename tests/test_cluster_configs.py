@@ -7,6 +7,9 @@
 - Both against sweeps/grid.yaml: the node types the autoscaler sees must host what the grid asks Ray for, and
   Ray's own bin-packing (`get_nodes_for`) must send engines, trial workers and trial drivers where the
   comments in the configs say.
+- Shared storage: raykd reads and writes a file system, so every node mounts the same one at /mnt/raykd
+  (NFS on the launcher's hosts, bound into the container; a ReadWriteMany claim in every Ray pod), and the
+  grid keeps problems.path and output.dir under it.
 """
 
 from __future__ import annotations
@@ -40,12 +43,19 @@ LAUNCHER = sorted(CLUSTER.glob("*.yaml"))
 KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
 GRID = ROOT / "sweeps" / "grid.yaml"
 
-# The custom resources the configs define; raykd's sweep asks for them (see cluster/README.md).
+# The custom resources the configs define; raykd's sweep asks for them (README.md, "Running on a cluster").
 HEAD_RESOURCE = "raykd_head"  # only on the head: Tune trial drivers request 1 unit each
 VLLM_RESOURCE = "raykd_vllm"  # one unit per GPU of the on-demand generation nodes
 TRAIN_RESOURCE = "raykd_train"  # one unit per GPU of the spot training nodes
 TRACKING_ENV = ("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-KUBERAY_KINDS = {("v1", "ServiceAccount"), ("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob")}
+KUBERAY_KINDS = {
+    ("v1", "ServiceAccount"),
+    ("v1", "PersistentVolumeClaim"),
+    ("ray.io/v1", "RayCluster"),
+    ("ray.io/v1", "RayJob"),
+}
+# Where every node mounts the shared file system (raykd/spec.py's refusal of URIs points users there).
+SHARED = "/mnt/raykd"
 
 NodeTypes = dict[str, dict[str, Any]]
 Demand = list[dict[str, float]]
@@ -249,9 +259,6 @@ def test_launcher_spot_only_for_training(launcher: dict[str, Any]) -> None:
         for name, node_type in types.items():
             if node_type["resources"].get("GPU"):
                 assert node_type["node_config"]["scheduling"]["onHostMaintenance"] == "TERMINATE", name
-                (account,) = node_type["node_config"]["serviceAccounts"]
-                project = launcher["provider"]["project_id"]
-                assert account["email"].endswith(f"@{project}.iam.gserviceaccount.com"), name
 
 
 def test_launcher_keeps_auth_on_and_dashboard_local(launcher: dict[str, Any]) -> None:
@@ -278,6 +285,59 @@ def test_launcher_installs_torch_then_raykd_gpu(launcher: dict[str, Any], docker
     docker_runs = re.findall(r"^RUN (.*)$", dockerfile, re.M)
     for package in ("torch", "vllm"):
         assert pinned(setup, package) == pinned(docker_runs, package), f"{package} pin: Dockerfile differs"
+
+
+def check_launcher_mounts_shared_storage(config: dict[str, Any]) -> None:
+    """Each host mounts an NFS share at SHARED, idempotently and writable by the container's user, and Docker
+    binds it into the Ray container."""
+    assert f"-v {SHARED}:{SHARED}" in config["docker"]["run_options"], (
+        "the container must see the host's mount"
+    )
+    commands = [shlex.split(c) for c in config["initialization_commands"]]
+    mounts = [c for c in commands if "mount" in c and c[-1] == SHARED]
+    assert len(mounts) == 1, f"one initialization command must mount the shared file system at {SHARED}"
+    (mount,) = mounts
+    assert mount[:4] == ["mountpoint", "-q", SHARED, "||"], "mount only if not mounted yet (idempotent)"
+    assert mount[mount.index("-t") + 1] in ("nfs", "nfs4"), "EFS and Filestore are NFS"
+    assert re.fullmatch(r"[\w.-]+:/\S*", mount[-2]), f"not an NFS source (server:/path): {mount[-2]}"
+    at = commands.index(mount)
+    assert ["sudo", "mkdir", "-p", SHARED] in commands[:at], f"{SHARED} must exist before the mount"
+    # A new file system's root belongs to root; the Ray container runs as ray (uid 1000, group users).
+    chown = ["sudo", "chown", "1000:100", SHARED]
+    assert chown in commands[at + 1 :], f"after the mount: {shlex.join(chown)}"
+
+
+def test_launcher_mounts_shared_storage(launcher: dict[str, Any]) -> None:
+    check_launcher_mounts_shared_storage(launcher)
+    check_launcher_mounts_shared_storage(prepared(launcher))  # Ray's defaults must not drop any of it
+
+
+def without_commands(config: dict[str, Any], word: str) -> None:
+    config["initialization_commands"] = [c for c in config["initialization_commands"] if word not in c]
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda c: c["docker"]["run_options"].remove(f"-v {SHARED}:{SHARED}"),
+        lambda c: without_commands(c, "sudo mount"),
+        lambda c: without_commands(c, "mkdir"),
+        lambda c: without_commands(c, "chown"),
+        lambda c: c.update(
+            initialization_commands=[x.split("|| ")[-1] for x in c["initialization_commands"]]
+        ),
+        lambda c: c.update(
+            initialization_commands=[x.replace(SHARED, "/mnt/other") for x in c["initialization_commands"]]
+        ),
+    ],
+    ids=["no-docker-bind", "no-mount", "no-mkdir", "no-chown", "not-idempotent", "elsewhere"],
+)
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+def test_launcher_storage_check_catches_a_missing_mount(path: Path, breakage: Any) -> None:
+    config = load(path)
+    breakage(config)
+    with pytest.raises(AssertionError):
+        check_launcher_mounts_shared_storage(config)
 
 
 @pytest.mark.parametrize(
@@ -351,6 +411,126 @@ def test_raycluster_auth_on_and_dashboard_not_exposed() -> None:
     assert {g["template"]["spec"]["serviceAccountName"] for g in pods} <= accounts
 
 
+def ray_pod_templates(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every pod template that runs Ray (RayClusters, RayJobs with their own cluster), by owner and group."""
+    specs = {f"RayCluster {d['metadata']['name']}": d["spec"] for d in docs if d["kind"] == "RayCluster"}
+    for d in docs:
+        if d["kind"] == "RayJob" and "rayClusterSpec" in d["spec"]:
+            specs[f"RayJob {d['metadata']['name']}"] = d["spec"]["rayClusterSpec"]
+    templates = {}
+    for owner, spec in specs.items():
+        templates[f"{owner} head"] = spec["headGroupSpec"]["template"]
+        for group in spec.get("workerGroupSpecs", []):
+            templates[f"{owner} {group['groupName']}"] = group["template"]
+    return templates
+
+
+def shared_claim(name: str, pod: dict[str, Any], container: dict[str, Any]) -> str:
+    """The claim that `container` of `pod` mounts read-write at SHARED."""
+    mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == SHARED]
+    assert len(mounts) == 1, f"{name}: container {container['name']} must mount {SHARED}"
+    volume = {v["name"]: v for v in pod.get("volumes", [])}.get(mounts[0]["name"], {})
+    assert "persistentVolumeClaim" in volume, f"{name}: {SHARED} must come from a PersistentVolumeClaim"
+    assert not mounts[0].get("readOnly") and not volume["persistentVolumeClaim"].get("readOnly"), name
+    return volume["persistentVolumeClaim"]["claimName"]
+
+
+def check_pods_mount_shared_storage(docs: list[dict[str, Any]]) -> None:
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    templates = ray_pod_templates(docs)
+    assert templates, "no Ray pod templates"
+    used = set()
+    for name, template in templates.items():
+        pod = template["spec"]
+        claim = shared_claim(name, pod, pod["containers"][0])  # KubeRay: the Ray container is the first
+        assert claim in claims, f"{name}: claim {claim} is not defined in cluster/kuberay"
+        assert "ReadWriteMany" in claims[claim]["spec"]["accessModes"], f"{claim}: every node writes it"
+        used.add(claim)
+    assert len(used) == 1, f"every Ray pod must mount the same volume, not {sorted(used)}"
+    # A new Filestore volume's root belongs to root (755) and Ray runs as uid 1000: each head, which starts
+    # before its workers, makes it writable in an init container running as root.
+    for name, template in templates.items():
+        if name.endswith(" head"):
+            pod = template["spec"]
+            fixes = [
+                c
+                for c in pod.get("initContainers", [])
+                if c.get("securityContext", {}).get("runAsUser") == 0
+                and c.get("command", [""])[0] in ("chmod", "chown")
+                and c["command"][-1] == SHARED
+                and shared_claim(f"{name} init", pod, c) in used
+            ]
+            assert fixes, f"{name}: must make {SHARED} writable for uid 1000 before Ray starts"
+
+
+def test_every_ray_pod_mounts_the_shared_volume() -> None:
+    check_pods_mount_shared_storage(kuberay_docs())
+
+
+def _pod(docs: list[dict[str, Any]], group: str) -> dict[str, Any]:
+    return ray_pod_templates(docs)[f"RayCluster raykd {group}"]["spec"]
+
+
+def _claim(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (claim,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    return claim
+
+
+def _rayjob_with_own_cluster(docs: list[dict[str, Any]], drop_mount_in: str | None) -> None:
+    """Give the RayJob a copy of the RayCluster's spec, without the shared mount in one group's Ray pod."""
+    (job,) = [d for d in docs if d["kind"] == "RayJob"]
+    (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
+    job["spec"]["rayClusterSpec"] = spec = copy.deepcopy(cluster["spec"])
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        if group.get("groupName", "head") == drop_mount_in:
+            ray_container = group["template"]["spec"]["containers"][0]
+            ray_container["volumeMounts"] = [
+                m for m in ray_container["volumeMounts"] if m["mountPath"] != SHARED
+            ]
+
+
+def _head_volume_to_emptydir(docs: list[dict[str, Any]]) -> None:
+    (volume,) = _pod(docs, "head")["volumes"]
+    volume.pop("persistentVolumeClaim")
+    volume["emptyDir"] = {}
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda docs: _pod(docs, "gpu-train")["containers"][0]["volumeMounts"].pop(),
+        lambda docs: _pod(docs, "gpu-vllm")["volumes"][-1]["persistentVolumeClaim"].update(claimName="other"),
+        _head_volume_to_emptydir,
+        lambda docs: _pod(docs, "head").pop("initContainers"),
+        lambda docs: _claim(docs)["spec"].update(accessModes=["ReadWriteOnce"]),
+        lambda docs: docs.remove(_claim(docs)),
+        lambda docs: _rayjob_with_own_cluster(docs, drop_mount_in="gpu-vllm"),
+    ],
+    ids=[
+        "worker-no-mount",
+        "unknown-claim",
+        "head-emptydir",
+        "head-no-init",
+        "rwo",
+        "no-claim",
+        "rayjob-no-mount",
+    ],
+)
+def test_kuberay_storage_check_catches_a_missing_mount(breakage: Any) -> None:
+    docs = copy.deepcopy(kuberay_docs())
+    check_pods_mount_shared_storage(docs)  # the control: intact, it passes
+    breakage(docs)
+    with pytest.raises(AssertionError):
+        check_pods_mount_shared_storage(docs)
+
+
+def test_kuberay_storage_check_reads_a_rayjobs_own_cluster() -> None:
+    docs = copy.deepcopy(kuberay_docs())
+    _rayjob_with_own_cluster(docs, drop_mount_in=None)
+    assert sum(name.startswith("RayJob ") for name in ray_pod_templates(docs)) == 3
+    check_pods_mount_shared_storage(docs)
+
+
 def test_raycluster_through_rays_kuberay_conversion(grid: tuple[SweepSpec, Plan]) -> None:
     config = derived_autoscaling_config(raycluster())  # raises if the autoscaler could not read it
     types, head = config["available_node_types"], config["head_node_type"]
@@ -394,3 +574,32 @@ def test_rayjob_runs_the_grid_on_the_raycluster(dockerfile: str) -> None:
     assert re.search(rf"^COPY .* sweeps {re.escape(workdir)}/sweeps$", dockerfile, re.M)
     assert re.search(rf"^COPY .* raykd {re.escape(workdir)}/raykd$", dockerfile, re.M)
     assert load_spec(GRID).name  # the entrypoint's spec exists and validates
+
+
+# --- the grid on the shared mount --------------------------------------------------------------------------
+
+
+def check_grid_on_shared_storage(grid_yaml: dict[str, Any]) -> None:
+    for section, key in (("problems", "path"), ("output", "dir")):
+        value = grid_yaml[section][key]
+        assert value.startswith(f"{SHARED}/"), f"{section}.{key}: {value!r} is not on the shared {SHARED}"
+
+
+def test_grid_keeps_its_files_on_the_shared_mount() -> None:
+    check_grid_on_shared_storage(load(GRID))
+    spec = load_spec(GRID)  # and raykd reads the same paths
+    assert (spec.problems.path, spec.output.dir) == (
+        load(GRID)["problems"]["path"],
+        load(GRID)["output"]["dir"],
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [("output", "dir", "runs"), ("output", "dir", "/mnt/raykd-runs"), ("problems", "path", "/data/p.jsonl")],
+)
+def test_grid_storage_check_catches_a_local_path(section: str, key: str, value: str) -> None:
+    grid_yaml = load(GRID)
+    grid_yaml[section][key] = value
+    with pytest.raises(AssertionError):
+        check_grid_on_shared_storage(grid_yaml)

@@ -46,7 +46,7 @@ def test_paper_grid_has_60_trials_in_dry_run() -> None:
     assert len(rows) == 60
     labels = {line.split()[3] for line in rows}
     assert labels == {"A", "P+A", "CoT", "CoT+A", "P+CoT", "P+CoT+A"}
-    assert "s3://raykd-runs/paper-grid" in result.stdout
+    assert "/mnt/raykd/runs/paper-grid" in result.stdout
 
 
 def test_tiny_dry_run_lists_grid_and_resources() -> None:

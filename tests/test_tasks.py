@@ -9,9 +9,11 @@ import pytest
 
 from raykd.problems.tasks import (
     TASKS,
+    Problem,
     make_problems,
     reference_completion,
     resolve_knobs,
+    sloppy_completion,
     space_size,
     split_of,
     task_of,
@@ -137,3 +139,20 @@ def test_bad_arguments() -> None:
         make_problems("cups", "test", 1, 0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not a prompt of a built-in task"):
         task_of("what is 2 + 2?")
+
+
+def test_sloppy_completion_slips_the_same_way_every_time() -> None:
+    # cups: the ball under the *second* cup named stays put (2 stays under 2, then moves with "2 and 3").
+    cups = Problem("c", "cups 3 , ball under 2 . swaps : 1 ) 1 2 2 ) 2 3", "1")
+    text, answer = sloppy_completion(cups)
+    assert answer == "3" and text.endswith("so the ball ends under cup 3 .</think> 3")
+    assert "ball was under cup 2 , so it is now under cup 2 ." in text
+    assert reference_completion(cups).endswith("</think> 1")
+    # modchain: "minus d" is worked as "plus d", stated as confidently as the right step.
+    chain = Problem("m", "start at 4 , modulo 10 . apply : 1 ) minus 3", "1")
+    text, answer = sloppy_completion(chain)
+    assert answer == "7" and "4 minus 3 is 7 , which modulo 10 is 7 ." in text
+    # Same format as the reference: only the stated values differ.
+    for problem in make_problems("cups", "eval", 20, seed=3):
+        ref, slip = reference_completion(problem), sloppy_completion(problem)[0]
+        assert re.sub(r"\d+", "#", ref) == re.sub(r"\d+", "#", slip)

@@ -2,11 +2,14 @@
 
 - teacher: a Llama model trained on the task's full verbose chains until greedy decoding solves held-out
   problems (checked cheaply with teacher-forced exact match, a lower bound on greedy accuracy);
-- student base: a smaller Llama model (fewer layers, same vocabulary) pretrained on the same task with
-  *shorter* chains (1 to ``base_steps`` steps). Like a pretrained base model it knows the format (think,
-  step, close the thinking, answer, stop) but has never done the long reasoning, so it sits well below the
-  teacher on the real problems and distillation has room to show, also from truncated traces, which never
-  show an ending.
+- student base: a smaller Llama model (fewer layers, same vocabulary) pretrained on the same problems with
+  worked solutions of which only a ``right_share`` (a quarter) are right; the rest reason with one systematic
+  slip (`raykd.problems.tasks.sloppy_completion`), as a base model pretrained on mostly sloppy worked
+  solutions from the web would. It knows the format, the length of the chains and how to finish an answer,
+  and when decoding greedily it follows the common, sloppy way; so it sits well below the teacher and
+  distillation has room to show. The right way is already in its weights, which is what lets the first part
+  of a trace (a truncated one) tip it over, as in the paper; a base pretrained on shorter chains instead
+  never learned to continue a chain past what a truncated trace shows (measured: it lost its ending).
 
 Everything lands in ``cache_dir/<task>-<key>/`` where the key hashes every input (task, knobs, seed, sizes,
 schedules, this code), written into a temporary folder and renamed, so a crash leaves nothing half-written
@@ -28,13 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raykd.problems.answers import extract_answer
 from raykd.problems.tasks import (
-    EVAL_BUCKETS,
     Problem,
     make_problems,
     reference_completion,
     resolve_knobs,
-    space_size,
+    sloppy_completion,
 )
 
 INFO_FILE = "embedded.json"
@@ -78,7 +81,9 @@ class EmbeddedModels:
 TEACHER = ModelSize(layers=4)
 STUDENT = ModelSize(layers=2)
 TEACHER_RECIPE = Recipe(max_steps=600)
-STUDENT_RECIPE = Recipe(max_steps=300, target=0.95)
+# The student base trains for all its steps (target > 1): a mixture has no exact-match score to stop at.
+STUDENT_RECIPE = Recipe(max_steps=300, target=2.0)
+RIGHT_SHARE = 0.25
 
 
 def bootstrap(
@@ -90,7 +95,7 @@ def bootstrap(
     student: ModelSize = STUDENT,
     teacher_recipe: Recipe = TEACHER_RECIPE,
     student_recipe: Recipe = STUDENT_RECIPE,
-    base_steps: int | None = None,
+    right_share: float = RIGHT_SHARE,
     n_eval: int = 256,
     n_check: int = 128,
     threads: int | None = None,
@@ -100,12 +105,11 @@ def bootstrap(
     """The embedded models for ``task``, built on the first call and read from ``cache_dir`` afterwards.
 
     ``knobs`` are the task's difficulty knobs, as for ``make_problems`` (cups / modulus, steps).
-    ``base_steps`` caps the chain length the student base is pretrained on (default: half the task's steps).
+    ``right_share``: the share of right worked solutions in the student base's pretraining (the rest sloppy).
     ``n_eval`` held-out problems measure the accuracies; ``n_check`` others decide when training may stop.
     ``threads`` defaults to the cores this process may use.
     """
     resolved = resolve_knobs(task, **knobs)
-    base_steps = base_steps or max(1, resolved["steps"] // 2)
     inputs = {
         "task": task,
         "knobs": resolved,
@@ -114,7 +118,7 @@ def bootstrap(
         "student": dataclasses.asdict(student),
         "teacher_recipe": dataclasses.asdict(teacher_recipe),
         "student_recipe": dataclasses.asdict(student_recipe),
-        "base_steps": base_steps,
+        "right_share": right_share,
         "n_eval": n_eval,
         "n_check": n_check,
         "code": code_version(),
@@ -192,16 +196,13 @@ def _build(folder: Path, inputs: dict[str, Any], threads: int | None, log: Calla
             inputs,
             log,
         )
-        student_problems = _base_problems(
-            task, seed, knobs, inputs["base_steps"], _n_train(inputs["student_recipe"])
-        )
-        base_check = _base_problems(task, seed + 1, knobs, inputs["base_steps"], len(check_set), split="eval")
+        student_problems = make_problems(task, "train", _n_train(inputs["student_recipe"]), seed + 1, **knobs)
         student = _train_model(
             folder / "student",
             tokenizer,
             "student",
             student_problems,
-            base_check,
+            check_set,
             eval_set,
             max_new,
             inputs,
@@ -245,7 +246,7 @@ def _train_model(
 
     recipe = Recipe(**inputs[f"{role}_recipe"])
     size = ModelSize(**inputs[role])
-    examples = [t.encode(tokenizer, p, reference_completion(p)) for p in train_problems]
+    examples = [t.encode(tokenizer, p, text) for p, text in _pretraining_texts(role, train_problems, inputs)]
     checks = [t.encode(tokenizer, p, reference_completion(p)) for p in check_problems]
     torch.manual_seed(inputs["seed"])
     model = new_model(size, tokenizer)
@@ -262,20 +263,22 @@ def _train_model(
         log=lambda line: log(f"{role}: {line}"),
     )
     started = time.perf_counter()
-    accuracy = t.greedy_accuracy(model, tokenizer, eval_problems, max_new)
-    # On the problems it trained on (the student base: shorter chains), to show it knows the format.
-    own_accuracy = t.greedy_accuracy(model, tokenizer, check_problems, max_new)
+    completions = t.greedy_completions(model, tokenizer, eval_problems, max_new)
+    answers = [extract_answer(c, "exact") for c in completions]
+    accuracy = _share(a == p.answer for a, p in zip(answers, eval_problems, strict=True))
+    # How often greedy decoding follows the sloppy slip: shows the student base reasons the common wrong way.
+    sloppy = _share(a == sloppy_completion(p)[1] for a, p in zip(answers, eval_problems, strict=True))
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)  # each model folder loads on its own, as a hub checkpoint would
     log(
-        f"{role}: greedy accuracy {accuracy:.3f} on {len(eval_problems)} held-out problems, "
-        f"{own_accuracy:.3f} on {len(check_problems)} of its own kind"
+        f"{role}: greedy accuracy {accuracy:.3f} on {len(eval_problems)} held-out problems; "
+        f"answers as the sloppy slip gives {sloppy:.3f}"
     )
     parameters = sum(p.numel() for p in model.parameters())
     return {
         **{k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()},
         "accuracy": accuracy,
-        "accuracy_on_own_distribution": own_accuracy,
+        "sloppy_agreement": sloppy,
         "eval_seconds": round(time.perf_counter() - started, 1),
         "parameters": parameters,
     }
@@ -334,24 +337,25 @@ def sequence_shape(tokenizer: Any, problems: list[Problem]) -> dict[str, float]:
     }
 
 
-def _base_problems(
-    task: str, seed: int, knobs: dict[str, int], base_steps: int, n: int, split: str = "train"
-) -> list[Problem]:
-    # Shorter chains: an equal share of problems with 1, 2, ..., base_steps steps, shuffled together. Short
-    # chains have few distinct problems (5 cups, 1 step: 100), so those repeat rather than exhaust the split.
+def _pretraining_texts(
+    role: str, problems: list[Problem], inputs: dict[str, Any]
+) -> list[tuple[Problem, str]]:
+    """The teacher learns every problem's reference chain; the student base a seeded mix of right and sloppy
+    ones (``right_share`` right)."""
     import random
 
-    per = -(-n // base_steps)
-    problems = []
-    for steps in range(1, base_steps + 1):
-        step_knobs = {**knobs, "steps": steps}
-        space = space_size(task, **step_knobs)
-        # Ask for at most half of what the split should hold, so rejection sampling finds them quickly.
-        available = space // EVAL_BUCKETS if split == "eval" else space - space // EVAL_BUCKETS
-        distinct = make_problems(task, split, max(1, min(per, available // 2)), seed, **step_knobs)
-        problems += (distinct * -(-per // len(distinct)))[:per]
-    random.Random(seed).shuffle(problems)
-    return problems[:n]
+    if role == "teacher":
+        return [(p, reference_completion(p)) for p in problems]
+    rng = random.Random(inputs["seed"])
+    return [
+        (p, reference_completion(p) if rng.random() < inputs["right_share"] else sloppy_completion(p)[0])
+        for p in problems
+    ]
+
+
+def _share(flags: Any) -> float:
+    flags = list(flags)
+    return sum(flags) / max(1, len(flags))
 
 
 def _n_train(recipe: dict[str, Any]) -> int:

@@ -92,6 +92,7 @@ def build_trainer(
     elif env.get("DS_ACCELERATOR") == "cpu":  # a CPU driver's setting must not pin GPU workers to the CPU
         del env["DS_ACCELERATOR"]
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if gpu else {})}
+    resources |= cfg.worker_resources
     return TorchTrainer(
         train_func,
         train_loop_config=worker_cfg,

@@ -72,6 +72,7 @@ class KDConfig:
     workers_per_trial: int = 1
     gpus_per_worker: int = 0
     cpus_per_worker: int = 1
+    worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker
     tensorboard_dir: str | None = None
     grad_clip: float = 1.0
     loss_chunk_size: int = 1024
@@ -518,8 +519,15 @@ class _Run:
             "traces_unsupervised": prep["unsupervised_sequences"],
             "traces_budget_dropped": prep["budget_dropped"],
             "resumed_from_step": -1 if self.resumed_from is None else self.resumed_from,
+            "node_id": _node_id(),
             "student_dir": self.cfg.student_out,
         }
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def _checkpoint(folder: str) -> Any:

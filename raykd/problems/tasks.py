@@ -110,8 +110,20 @@ def split_of(prompt: str) -> Split:
 
 def reference_completion(problem: Problem) -> str:
     """The assistant text for ``problem``: ``"<think> ...steps... </think> answer"``, no end-of-turn token."""
-    chain = _CHAINS[task_of(problem.prompt)](problem.prompt)
+    chain, _ = _CHAINS[task_of(problem.prompt)](problem.prompt)
     return f"{THINK_OPEN}{chain}{THINK_CLOSE} {problem.answer}"
+
+
+def sloppy_completion(problem: Problem) -> tuple[str, str]:
+    """A worked solution in the reference format that reasons with one systematic slip, and its answer.
+
+    cups: the ball only moves when it sits under the *first* cup named (a swap "a and b" with the ball under
+    b leaves it there). modchain: "minus d" is worked as "plus d". Every step is stated as confidently as in
+    the reference chain and the answer follows the chain, so only the reasoning is wrong. The embedded
+    student base is pretrained mostly on these (raykd.embedded.bootstrap). Returns (completion, answer).
+    """
+    chain, answer = _CHAINS[task_of(problem.prompt)](problem.prompt, sloppy=True)
+    return f"{THINK_OPEN}{chain}{THINK_CLOSE} {answer}", answer
 
 
 def task_of(prompt: str) -> str:
@@ -148,17 +160,17 @@ def _parse_cups(prompt: str) -> tuple[int, list[tuple[int, int]]]:
     return ball, swaps
 
 
-def _chain_cups(prompt: str) -> str:
+def _chain_cups(prompt: str, sloppy: bool = False) -> tuple[str, str]:
     ball, swaps = _parse_cups(prompt)
     lines = []
     for step, (a, b) in enumerate(swaps, start=1):
-        after = b if ball == a else a if ball == b else ball
+        after = b if ball == a else a if ball == b and not sloppy else ball
         lines.append(
             f" step {step} : swap cups {a} and {b} . ball was under cup {ball} ,"
             f" so it is now under cup {after} ."
         )
         ball = after
-    return "".join(lines) + f" so the ball ends under cup {ball} ."
+    return "".join(lines) + f" so the ball ends under cup {ball} .", str(ball)
 
 
 # --- modchain ----------------------------------------------------------------------------------------------
@@ -186,7 +198,7 @@ def _apply(value: int, op: str, operand: int) -> int:
     return value + operand if op == "plus" else value - operand if op == "minus" else value * operand
 
 
-def _chain_modchain(prompt: str) -> str:
+def _chain_modchain(prompt: str, sloppy: bool = False) -> tuple[str, str]:
     head, listed = prompt.split(" . apply : ")
     value, modulus = int(head.split()[2]), int(head.split()[-1])
     lines = []
@@ -194,7 +206,7 @@ def _chain_modchain(prompt: str) -> str:
     words = listed.split()
     for step, index in enumerate(range(0, len(words), 4), start=1):
         op, operand = words[index + 2], words[index + 3]
-        raw = _apply(value, op, int(operand))
+        raw = _apply(value, "plus" if sloppy and op == "minus" else op, int(operand))
         # The operation is copied first, right after the step label, as cups copies its swap: copied later
         # (after "the value is v , and v"), a 4-layer teacher misread operands of late steps (92.6% greedy).
         lines.append(
@@ -202,7 +214,7 @@ def _chain_modchain(prompt: str) -> str:
             f" which modulo {modulus} is {raw % modulus} ."
         )
         value = raw % modulus
-    return "".join(lines) + f" so the final value is {value} ."
+    return "".join(lines) + f" so the final value is {value} .", str(value)
 
 
 _DRAWERS = {"cups": _draw_cups, "modchain": _draw_modchain}

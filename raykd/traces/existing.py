@@ -145,7 +145,7 @@ def run_scoring(
         batch_size=batch_size,
         fn_constructor_kwargs={"engine": engine, "k": gen.logprobs_k, "prompt_logprobs": prompt_logprobs},
         compute=ray.data.ActorPoolStrategy(size=gen.engines),
-        **engine_remote_args(gen.gpus_per_engine, gen.tensor_parallel),
+        **engine_remote_args(gen.gpus_per_engine, gen.tensor_parallel, gen.engine_resources),
     )
     ds = ds.map_batches(
         check_and_segment, batch_format="pyarrow", fn_args=(tokenizer_dir, spec.problems.answer_check)

@@ -165,7 +165,7 @@ def run_generation(
             "tokenizer_dir": tokenizer_dir,
         },
         compute=ray.data.ActorPoolStrategy(size=gen.engines),
-        **engine_remote_args(gen.gpus_per_engine, gen.tensor_parallel),
+        **engine_remote_args(gen.gpus_per_engine, gen.tensor_parallel, gen.engine_resources),
     )
     ds = ds.map_batches(
         check_and_segment, batch_format="pyarrow", fn_args=(tokenizer_dir, spec.problems.answer_check)
@@ -275,27 +275,33 @@ def engine_error(error: BaseException) -> BaseException:
     return error
 
 
-def engine_remote_args(gpus: int, tensor_parallel: int) -> dict[str, Any]:
-    """Ray resources of one engine actor; with several GPUs vLLM's Ray executor places its own workers in a
-    placement group the actor captures (as ray.data.llm does)."""
-    if gpus == 0:
-        return {"num_cpus": 1, "num_gpus": 0}
-    if gpus == 1:
-        return {"num_cpus": 1, "num_gpus": 1}
-    return {"num_gpus": 0, "ray_remote_args_fn": _PlacementGroupArgs(gpus)}
+def engine_remote_args(
+    gpus: int, tensor_parallel: int, resources: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """Ray resources of one engine actor (``resources``: custom ones it also asks for); with several GPUs
+    vLLM's Ray executor places its own workers in a placement group the actor captures (as ray.data.llm
+    does), the custom resources in its first bundle."""
+    custom = {"resources": dict(resources)} if resources else {}
+    if gpus <= 1:
+        return {"num_cpus": 1, "num_gpus": gpus, **custom}
+    return {"num_gpus": 0, "ray_remote_args_fn": _PlacementGroupArgs(gpus, resources or {})}
 
 
 class _PlacementGroupArgs:
-    """Picklable ray_remote_args_fn: a fresh PACK placement group of ``gpus`` GPU bundles per engine actor."""
+    """Picklable ray_remote_args_fn: a fresh PACK placement group of ``gpus`` GPU bundles per engine actor;
+    ``resources`` (custom) join the first bundle, so the group lands on a node that has them."""
 
-    def __init__(self, gpus: int):
+    def __init__(self, gpus: int, resources: dict[str, float]):
         self.gpus = gpus
+        self.resources = resources
 
     def __call__(self) -> dict[str, Any]:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        group = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * self.gpus, strategy="PACK")
+        bundles = [{"GPU": 1, "CPU": 1} for _ in range(self.gpus)]
+        bundles[0] |= self.resources
+        group = ray.util.placement_group(bundles, strategy="PACK")
         return {
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
                 group, placement_group_capture_child_tasks=True
