@@ -1,7 +1,8 @@
 """A `ray start --head` of the test's own: free ports, its own temp folder, stopped by its own process ids.
 
 Never `ray stop`: it ends every Ray process on the machine by name, including other users' clusters.
-Used by test_job_submit.py and test_autoscaler.py.
+Also the reduced tiny spec the sweep-level tests run. Used by test_job_submit.py, test_autoscaler.py,
+test_multinode.py and test_sweep_e2e.py.
 """
 
 from __future__ import annotations
@@ -28,16 +29,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def reduced_tiny(tmp_path: Path, name: str, **sweep: object) -> Path:
-    """sweeps/tiny.yaml made small (64 training and 16 eval problems, 1 epoch), written to tmp_path."""
+def reduced_tiny(
+    tmp_path: Path,
+    name: str,
+    train_size: int = 64,
+    eval_size: int = 16,
+    worker_resources: dict[str, float] | None = None,
+    **sweep: object,
+) -> Path:
+    """sweeps/tiny.yaml made small (1 epoch, few problems, ``sweep`` axes overridden), written to tmp_path;
+    results go to tmp_path/runs/<name>."""
     import yaml
 
     spec = yaml.safe_load((ROOT / "sweeps" / "tiny.yaml").read_text())
     spec["name"] = name
     spec["output"]["dir"] = str(tmp_path / "runs")
-    spec["problems"].update(train_size=64, eval_size=16)
+    spec["problems"].update(train_size=train_size, eval_size=eval_size)
     spec["training"]["epochs"] = 1
     spec["sweep"].update(sweep)
+    if worker_resources:
+        spec["resources"]["worker_resources"] = worker_resources
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

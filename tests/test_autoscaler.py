@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from ray_head import ROOT, free_port, local_head, reduced_tiny, resources_arg
 
 IDLE_MINUTES = 0.25
@@ -79,11 +78,13 @@ def test_autoscaler_adds_nodes_for_pending_trials_and_removes_them_when_idle(tmp
     config = tmp_path / "autoscaler.json"
     config.write_text(json.dumps(_fake_cluster_config(gcs_port)))
     spec = reduced_tiny(
-        tmp_path, "autoscale", truncation=[0.5, 1.0], segments=[["cot"]], max_concurrent_trials=2
+        tmp_path,
+        "autoscale",
+        truncation=[0.5, 1.0],
+        segments=[["cot"]],
+        max_concurrent_trials=2,
+        worker_resources={"trainer": 1},
     )
-    raw = yaml.safe_load(spec.read_text())
-    raw["resources"]["worker_resources"] = {"trainer": 1}
-    spec.write_text(yaml.safe_dump(raw))
 
     args = ["--num-cpus", "2", *resources_arg({"raykd_head": 1000}), "--autoscaling-config", str(config)]
     fake = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}

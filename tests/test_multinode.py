@@ -15,35 +15,28 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _spec(tmp_path: Path) -> Path:
-    spec = yaml.safe_load((ROOT / "sweeps" / "tiny.yaml").read_text())
-    spec["name"] = "multinode"
-    spec["output"]["dir"] = str(tmp_path / "runs")
-    spec["problems"].update(train_size=64, eval_size=16)
-    spec["training"]["epochs"] = 1
-    spec["sweep"].update(truncation=[0.5, 1.0], segments=[["cot"]], max_concurrent_trials=2)
-    spec["resources"]["worker_resources"] = {"trainer": 1}
-    path = tmp_path / "multinode.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+from ray_head import ROOT, reduced_tiny
 
 
 @pytest.mark.slow
 def test_trials_train_on_different_nodes_from_traces_written_on_the_head(tmp_path: Path, cache_dir: Path):
     from ray.cluster_utils import Cluster
 
+    spec = reduced_tiny(
+        tmp_path,
+        "multinode",
+        truncation=[0.5, 1.0],
+        segments=[["cot"]],
+        max_concurrent_trials=2,
+        worker_resources={"trainer": 1},
+    )
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"raykd_head": 1000}})
     try:
         workers = [cluster.add_node(num_cpus=1, resources={"trainer": 1}) for _ in range(2)]
         cluster.wait_for_nodes()
         env = dict(os.environ, RAY_ADDRESS=cluster.address, RAYKD_CACHE=str(cache_dir))
         run = subprocess.run(
-            [sys.executable, "-m", "raykd.sweep", str(_spec(tmp_path))],
+            [sys.executable, "-m", "raykd.sweep", str(spec)],
             capture_output=True,
             text=True,
             cwd=ROOT,

@@ -14,21 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def reduced_tiny(tmp_path: Path) -> Path:
-    spec = yaml.safe_load((ROOT / "sweeps" / "tiny.yaml").read_text())
-    spec["name"] = "e2e"
-    spec["output"]["dir"] = str(tmp_path / "runs")
-    spec["problems"].update(train_size=128, eval_size=32)
-    spec["training"]["epochs"] = 1
-    spec["sweep"].update(truncation=[0.5, 1.0], segments=[["cot"]], max_concurrent_trials=2)
-    path = tmp_path / "e2e.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+from ray_head import ROOT, reduced_tiny
 
 
 def sweep(spec: Path, cache_dir: Path) -> subprocess.CompletedProcess[str]:
@@ -45,7 +31,9 @@ def sweep(spec: Path, cache_dir: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 def test_reduced_tiny_sweep_end_to_end_then_resume(tmp_path: Path, cache_dir: Path) -> None:
-    spec = reduced_tiny(tmp_path)
+    spec = reduced_tiny(
+        tmp_path, "e2e", 128, 32, truncation=[0.5, 1.0], segments=[["cot"]], max_concurrent_trials=2
+    )
     first = sweep(spec, cache_dir)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     out = tmp_path / "runs" / "e2e"
