@@ -15,9 +15,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -106,46 +111,78 @@ def local_head(*args: str, env: dict[str, str] | None = None, gcs_port: int | No
         stop(temp_dir)
     left = processes_of(temp_dir)
     if left:
-        raise RuntimeError(f"processes of the test's Ray head outlived it: {left}")
+        raise RuntimeError(f"processes of the test's Ray head outlived it:\n{describe(left)}")
 
 
 def processes_of(temp_dir: str) -> list[int]:
-    """The head's processes (their command lines name its temp folder) and all their descendants; never this
-    process or its ancestors."""
+    """The head's live processes (their command lines name its temp folder) and all their descendants; never
+    this process or its ancestors. Zombies are left out: they are already dead and only wait to be reaped."""
     import psutil
 
     ours = {os.getpid()} | {p.pid for p in psutil.Process().parents()}
     found: set[int] = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            if proc.info["pid"] not in ours and any(temp_dir in part for part in proc.info["cmdline"] or []):
+            if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.info["pid"] in ours:
+                continue
+            if any(temp_dir in part for part in proc.info["cmdline"] or []):
                 found.add(proc.pid)
-                found.update(child.pid for child in proc.children(recursive=True))
+                found.update(child.pid for child in proc.children(recursive=True) if alive(child))
     return sorted(found - ours)
 
 
-def stop(temp_dir: str) -> None:
-    """SIGTERM to the head's process groups (never ours) and processes, SIGKILL to what is left after 20 s."""
+def alive(proc: psutil.Process) -> bool:
     import psutil
 
-    pids = processes_of(temp_dir)
-    groups: set[int] = set()
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def describe(pids: list[int]) -> str:
+    """One line per process: pid, status and command line, for an error message."""
+    import psutil
+
+    lines = []
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            groups.add(os.getpgid(pid))
-    for group in groups - {os.getpgrp()}:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGTERM)
-    procs = []
-    for pid in pids:
-        with contextlib.suppress(psutil.NoSuchProcess):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             proc = psutil.Process(pid)
-            proc.terminate()
-            procs.append(proc)
-    _, alive = psutil.wait_procs(procs, timeout=20)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
+            lines.append(f"{pid} [{proc.status()}] {' '.join(proc.cmdline())[:300]}")
+    return "\n".join(lines)
+
+
+def stop(temp_dir: str, grace_s: float = 20.0, deadline_s: float = 60.0) -> None:
+    """SIGTERM to the head's process groups (never ours) and processes, SIGKILL to what is left after
+    ``grace_s``; then again, by SIGKILL, for any process the head started meanwhile (a raylet can launch a
+    worker while it is being stopped), until none is left or ``deadline_s`` has passed."""
+    import psutil
+
+    deadline = time.monotonic() + deadline_s
+    first = True
+    while (pids := processes_of(temp_dir)) and time.monotonic() < deadline:
+        groups: set[int] = set()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                groups.add(os.getpgid(pid))
+        for group in groups - {os.getpgrp()}:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGTERM if first else signal.SIGKILL)
+        procs = []
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc = psutil.Process(pid)
+                if first:
+                    proc.terminate()
+                else:
+                    proc.kill()
+                procs.append(proc)
+        _, alive = psutil.wait_procs(procs, timeout=grace_s if first else 5.0)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5.0)
+        first = False
 
 
 def resources_arg(resources: dict[str, float]) -> list[str]:
