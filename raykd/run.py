@@ -25,6 +25,9 @@ RAY_ENV = {
     "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
     # vLLM's INFO lines (several dozen per engine start) bury the sweep's own progress; warnings still show.
     "VLLM_LOGGING_LEVEL": "WARNING",
+    # Train V2 sends a worker's print() both to Ray's stdout forwarding and to its logger, so each progress
+    # line reached the console twice; with the patch off it is printed once (and still lands in its log).
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 CPU_ENV = {"DS_ACCELERATOR": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
 

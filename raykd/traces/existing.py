@@ -116,10 +116,14 @@ def run_scoring(
     batch_size: int,
 ) -> dict[str, Any]:
     """Tokenize, score and write the traces of ``shards``; returns this run's throughput figures."""
-    import ray
-
-    from raykd.traces.pipeline import engine_config, engine_remote_args, start_ray, stream_to_shards
-    from raykd.traces.stages import ScoreBatch, check_and_segment
+    from raykd.traces.pipeline import (
+        engine_config,
+        run_engines,
+        start_ray,
+        stream_to_shards,
+        supervises_prompt,
+    )
+    from raykd.traces.stages import ScoreBatch
 
     gen = spec.generation
     start_ray(gen)
@@ -138,19 +142,10 @@ def run_scoring(
     # Scoring generates one token after the whole trace; never ask for more than the model holds.
     max_model_len = min(longest + 1, context or longest + 1)
     engine = engine_config(spec, teacher_dir, tokenizer_dir, max_model_len)
-    prompt_logprobs = any("prompt" in s for s in spec.sweep.segments)
-    ds = ds.drop_columns(["prompt_len"]).map_batches(
-        ScoreBatch,
-        batch_format="pyarrow",
-        batch_size=batch_size,
-        fn_constructor_kwargs={"engine": engine, "k": gen.logprobs_k, "prompt_logprobs": prompt_logprobs},
-        compute=ray.data.ActorPoolStrategy(size=gen.engines),
-        **engine_remote_args(gen.gpus_per_engine, gen.tensor_parallel, gen.engine_resources),
-    )
-    ds = ds.map_batches(
-        check_and_segment, batch_format="pyarrow", fn_args=(tokenizer_dir, spec.problems.answer_check)
-    )
-    return {**stream_to_shards(ds, store, expected, keep_all=gen.filter == "keep_all"), **skipped}
+    stage_kwargs = {"engine": engine, "k": gen.logprobs_k, "prompt_logprobs": supervises_prompt(spec)}
+    ds = ds.drop_columns(["prompt_len"])
+    run = run_engines(spec, ds, ScoreBatch, stage_kwargs, store, expected, tokenizer_dir, batch_size)
+    return {**run, **skipped}
 
 
 def tokenized(

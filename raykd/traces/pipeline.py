@@ -141,9 +141,7 @@ def run_generation(
     batch_size: int,
 ) -> dict[str, Any]:
     """Build and run the chain for the problems of ``shards``; returns this run's throughput figures."""
-    import ray
-
-    from raykd.traces.stages import GenerateBatch, check_and_segment
+    from raykd.traces.stages import GenerateBatch
 
     gen = spec.generation
     start_ray(gen)
@@ -154,23 +152,45 @@ def run_generation(
         for pid in store.shard_problems[shard]
     ]
     ds, max_model_len = rendered_prompts(spec, items, tokenizer_dir, teacher_dir, batch_size)
+    stage_kwargs = {
+        "engine": engine_config(spec, teacher_dir, tokenizer_dir, max_model_len),
+        "sampling": sampling_params(spec),
+        "samples": gen.samples_per_prompt,
+        "tokenizer_dir": tokenizer_dir,
+    }
+    expected = {s: len(store.shard_problems[s]) * gen.samples_per_prompt for s in shards}
+    return run_engines(spec, ds, GenerateBatch, stage_kwargs, store, expected, tokenizer_dir, batch_size)
+
+
+def run_engines(
+    spec: Any,
+    ds: Any,
+    stage: type,
+    stage_kwargs: dict[str, Any],
+    store: TraceStore,
+    expected: dict[int, int],
+    tokenizer_dir: str,
+    batch_size: int,
+) -> dict[str, Any]:
+    """The chain's tail, shared by generation and scoring: ``stage`` (an engine actor class, GenerateBatch or
+    ScoreBatch) on a pool of spec.generation.engines actors, then the answer check and segmentation, then
+    the shards written as they complete. Returns this run's throughput figures."""
+    import ray
+
+    from raykd.traces.stages import check_and_segment
+
+    gen = spec.generation
     ds = ds.map_batches(
-        GenerateBatch,
+        stage,
         batch_format="pyarrow",
         batch_size=batch_size,
-        fn_constructor_kwargs={
-            "engine": engine_config(spec, teacher_dir, tokenizer_dir, max_model_len),
-            "sampling": sampling_params(spec),
-            "samples": gen.samples_per_prompt,
-            "tokenizer_dir": tokenizer_dir,
-        },
+        fn_constructor_kwargs=stage_kwargs,
         compute=ray.data.ActorPoolStrategy(size=gen.engines),
         **engine_remote_args(gen.gpus_per_engine, gen.tensor_parallel, gen.engine_resources),
     )
     ds = ds.map_batches(
         check_and_segment, batch_format="pyarrow", fn_args=(tokenizer_dir, spec.problems.answer_check)
     )
-    expected = {s: len(store.shard_problems[s]) * gen.samples_per_prompt for s in shards}
     return stream_to_shards(ds, store, expected, keep_all=gen.filter == "keep_all")
 
 
