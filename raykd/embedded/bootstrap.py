@@ -56,7 +56,8 @@ class ModelSize:
 
 @dataclass(frozen=True)
 class Recipe:
-    """How to train one model: steps, batch, learning rate, and when to stop early."""
+    """How to train one model (`raykd.embedded.train.train`): steps, batch, learning rate with warmup and a
+    cosine decay, and when to stop early (once the check every ``check_every`` steps reaches ``target``)."""
 
     max_steps: int
     batch_size: int = 32
@@ -253,13 +254,10 @@ def _train_model(
     checks = [t.encode(tokenizer, p, reference_completion(p)) for p in check_problems]
     torch.manual_seed(inputs["seed"])
     model = new_model(size, tokenizer)
-    schedule = t.Schedule(
-        recipe.max_steps, recipe.batch_size, recipe.lr, recipe.warmup_steps, recipe.check_every, recipe.target
-    )
     stats = t.train(
         model,
         examples,
-        schedule,
+        recipe,
         tokenizer.pad_token_id,
         inputs["seed"],
         check=lambda m: t.forced_exact(m, checks, tokenizer.pad_token_id),

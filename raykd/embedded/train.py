@@ -10,11 +10,15 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from raykd.problems.answers import extract_answer, is_correct
 from raykd.problems.tasks import Problem
+
+if TYPE_CHECKING:  # bootstrap owns the recipe (torch-free, part of its cache key)
+    from raykd.embedded.bootstrap import Recipe
 
 
 @dataclass(frozen=True)
@@ -23,18 +27,6 @@ class Example:
 
     ids: list[int]
     n_prompt: int
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How long and how fast to train; training stops early once the check passes ``target``."""
-
-    max_steps: int
-    batch_size: int = 32
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    check_every: int = 50
-    target: float = 1.0
 
 
 def prompt_ids(tokenizer: object, prompt: str) -> list[int]:
@@ -72,7 +64,7 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
 def train(
     model: torch.nn.Module,
     examples: Sequence[Example],
-    schedule: Schedule,
+    recipe: Recipe,
     pad_id: int,
     seed: int,
     check: Callable[[torch.nn.Module], float] | None = None,
@@ -81,17 +73,17 @@ def train(
     """Train ``model`` with AdamW on completion tokens, cycling through ``examples`` in a seeded order.
 
     Every ``check_every`` steps ``check(model)`` scores it; training stops once that reaches
-    ``schedule.target``. Returns the steps run, the last loss and check score, and the wall time.
+    ``recipe.target``. Returns the steps run, the last loss and check score, and the wall time.
     """
     torch.manual_seed(seed)
     order = random.Random(seed)
     pool = list(examples)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    lr_at = _cosine(schedule)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    lr_at = _cosine(recipe)
     start, score, loss_value, step = time.perf_counter(), float("nan"), float("nan"), 0
     model.train()
-    for step in range(1, schedule.max_steps + 1):
-        batch = collate(_next_batch(pool, order, schedule.batch_size, step), pad_id)
+    for step in range(1, recipe.max_steps + 1):
+        batch = collate(_next_batch(pool, order, recipe.batch_size, step), pad_id)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         loss = model(**batch).loss
@@ -100,11 +92,11 @@ def train(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
-        if check is not None and (step % schedule.check_every == 0 or step == schedule.max_steps):
+        if check is not None and (step % recipe.check_every == 0 or step == recipe.max_steps):
             score = check(model)
             model.train()
             log(f"step {step}: loss {loss_value:.4f}, check {score:.3f}, {time.perf_counter() - start:.0f}s")
-            if score >= schedule.target:
+            if score >= recipe.target:
                 break
     model.eval()
     return {"steps": step, "loss": loss_value, "check": score, "seconds": time.perf_counter() - start}
@@ -119,12 +111,12 @@ def _next_batch(pool: list[Example], order: random.Random, size: int, step: int)
     return pool[offset : offset + size]
 
 
-def _cosine(schedule: Schedule) -> Callable[[int], float]:
+def _cosine(recipe: Recipe) -> Callable[[int], float]:
     def lr_at(step: int) -> float:
-        if step <= schedule.warmup_steps:
-            return schedule.lr * step / max(1, schedule.warmup_steps)
-        progress = (step - schedule.warmup_steps) / max(1, schedule.max_steps - schedule.warmup_steps)
-        return schedule.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        if step <= recipe.warmup_steps:
+            return recipe.lr * step / max(1, recipe.warmup_steps)
+        progress = (step - recipe.warmup_steps) / max(1, recipe.max_steps - recipe.warmup_steps)
+        return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
     return lr_at
 
