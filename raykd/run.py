@@ -90,8 +90,10 @@ def prepare_models(spec: SweepSpec, cache_dir: Path) -> Models:
     built = bootstrap(
         spec.problems.task, spec.problems.seed, cache_dir / "embedded", steps=spec.problems.steps
     )
+    # The teacher's folder holds the same tokenizer: engines get one folder for both, as with a hub model
+    # (vLLM reads a separate tokenizer folder as a model config first, fails, and retries after 2 s).
     return Models(
-        str(built.tokenizer_dir),
+        str(built.teacher_dir),
         str(built.teacher_dir),
         str(built.student_dir),
         built.teacher_accuracy,

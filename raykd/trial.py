@@ -55,6 +55,11 @@ def run_trial(config: dict[str, Any]) -> None:
     )
     train_cfg["student_out"] = str(trial_dir(out, trial["trial_id"]) / "student")
     train_cfg["tensorboard_dir"] = str(Path(out) / "tensorboard" / trial["trial_id"])
+    # Reading the traces into the workers takes seconds; its progress bars and execution banners, one set per
+    # trial and epoch, would bury the step lines on the console (the Ray dashboard still shows the dataset).
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False
+    data_context.print_on_execution_start = False
     trainer = build_trainer(
         train_cfg,
         datasets={"train": ray.data.read_parquet(config["traces_path"])},

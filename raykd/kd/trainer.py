@@ -65,7 +65,14 @@ def build_trainer(
     callbacks: list[Any] | None = None,
 ) -> Any:
     """A TorchTrainer running `raykd.kd.worker.train_func` on `datasets["train"]` (trace rows)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raykd.kd.worker import train_func
@@ -107,6 +114,9 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=int(train_cfg.get("keep_checkpoints", 2))),
             callbacks=callbacks,
             worker_runtime_env={"env_vars": env},
+            # Train logs every report (with its whole metrics dict) and checkpoint at INFO from each worker;
+            # raykd's step lines say it in one. Train's own log files under the session keep every level.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": train},
         # Ordered, locality-free execution: the even split gives each rank the same rows again on a restart.

@@ -200,12 +200,26 @@ def train_func(config: dict[str, Any]) -> None:
     """Ray Train per-worker entry point (TorchTrainer(train_loop_per_worker=train_func))."""
     import ray.train
 
+    _quiet_report_lines()
     cfg = KDConfig.from_dict(config)
     ctx = ray.train.get_context()
     run = _Run(cfg, ctx.get_world_rank(), ctx.get_world_size())
     run.setup(ray.train.get_dataset_shard("train"), ray.train.get_checkpoint())
     run.train()
     run.finish()
+
+
+def _quiet_report_lines() -> None:
+    """Ray 2.60's Train context logs every ray.train.report, whole metrics dict included, at INFO from each
+    worker, through a logger named by its file path (``logging.getLogger(__file__)``), so RunConfig's
+    LoggingConfig (which filters ``ray.train.*``) misses it. raykd's step lines say the same in one line."""
+    import logging
+
+    try:  # a private module: if a later Ray moves it, the lines just stay
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 class _Run:
