@@ -59,6 +59,21 @@ def reduced_tiny(
     return path
 
 
+def run_sweep(
+    spec: Path, cache_dir: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m raykd.sweep SPEC` in a subprocess, as a user types it (``env`` added: RAY_ADDRESS to join a
+    cluster); the embedded models come from the tests' shared cache."""
+    return subprocess.run(
+        [sys.executable, "-m", "raykd.sweep", str(spec)],
+        env=dict(os.environ, **(env or {}), RAYKD_CACHE=str(cache_dir)),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=1800,
+    )
+
+
 @dataclass(frozen=True)
 class Head:
     temp_dir: str

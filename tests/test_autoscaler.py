@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from ray_head import ROOT, free_port, local_head, reduced_tiny, resources_arg
+from ray_head import free_port, local_head, reduced_tiny, resources_arg, run_sweep
 
 IDLE_MINUTES = 0.25
 
@@ -90,14 +88,7 @@ def test_autoscaler_adds_nodes_for_pending_trials_and_removes_them_when_idle(tmp
     fake = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     with local_head(*args, env=fake, gcs_port=gcs_port) as head:
         assert not [e for e in _events(head) if e.startswith("Adding")]  # nothing asked for a node yet
-        run = subprocess.run(
-            [sys.executable, "-m", "raykd.sweep", str(spec)],
-            env=dict(head.env, RAY_ADDRESS=head.address, RAYKD_CACHE=str(cache_dir)),
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=1500,
-        )
+        run = run_sweep(spec, cache_dir, dict(head.env, RAY_ADDRESS=head.address))
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
         out = tmp_path / "runs" / "autoscale"
         records = [json.loads(p.read_text()) for p in out.glob("trials/*/result.json")]

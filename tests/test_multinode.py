@@ -9,13 +9,10 @@ wrote on the head node (on a real cluster the output folder is a shared mount; h
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from ray_head import ROOT, reduced_tiny
+from ray_head import reduced_tiny, run_sweep
 
 
 @pytest.mark.slow
@@ -34,15 +31,7 @@ def test_trials_train_on_different_nodes_from_traces_written_on_the_head(tmp_pat
     try:
         workers = [cluster.add_node(num_cpus=1, resources={"trainer": 1}) for _ in range(2)]
         cluster.wait_for_nodes()
-        env = dict(os.environ, RAY_ADDRESS=cluster.address, RAYKD_CACHE=str(cache_dir))
-        run = subprocess.run(
-            [sys.executable, "-m", "raykd.sweep", str(spec)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env=env,
-            timeout=1500,
-        )
+        run = run_sweep(spec, cache_dir, {"RAY_ADDRESS": cluster.address})
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
         assert "Started a local Ray instance" not in run.stdout + run.stderr  # it joined the cluster
         out = tmp_path / "runs" / "multinode"

@@ -8,25 +8,10 @@ command reruns no finished trial.
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from ray_head import ROOT, reduced_tiny
-
-
-def sweep(spec: Path, cache_dir: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, RAYKD_CACHE=str(cache_dir))  # shares the embedded models with test_embedded
-    return subprocess.run(
-        [sys.executable, "-m", "raykd.sweep", str(spec)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=1800,
-    )
+from ray_head import reduced_tiny, run_sweep
 
 
 @pytest.mark.slow
@@ -34,7 +19,7 @@ def test_reduced_tiny_sweep_end_to_end_then_resume(tmp_path: Path, cache_dir: Pa
     spec = reduced_tiny(
         tmp_path, "e2e", 128, 32, truncation=[0.5, 1.0], segments=[["cot"]], max_concurrent_trials=2
     )
-    first = sweep(spec, cache_dir)
+    first = run_sweep(spec, cache_dir)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     out = tmp_path / "runs" / "e2e"
 
@@ -57,7 +42,7 @@ def test_reduced_tiny_sweep_end_to_end_then_resume(tmp_path: Path, cache_dir: Pa
     assert any((out / "tensorboard").rglob("events.out.tfevents*"))
     assert "| f0.50_CoT_s0 | 0.50 | CoT |" in first.stdout  # the console ends with the table
 
-    second = sweep(spec, cache_dir)
+    second = run_sweep(spec, cache_dir)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert "2 trial(s) already finished, 0 to run" in second.stdout
     assert "traces: reusing" in second.stdout
