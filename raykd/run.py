@@ -174,7 +174,7 @@ def run_trials(spec: SweepSpec, plan: Plan, configs: list[dict[str, Any]]) -> No
         ),
         run_config=tune.RunConfig(
             name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(Path(plan.output_dir).resolve() / "tune"),
+            storage_path=str(Path(plan.output_dir) / "tune"),
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
             verbose=1,
         ),
@@ -202,10 +202,10 @@ def run_trials(spec: SweepSpec, plan: Plan, configs: list[dict[str, Any]]) -> No
 def run_sweep(spec: SweepSpec, plan: Plan) -> int:
     out = Path(plan.output_dir)
     # Embedded models and DeepSpeed's compiled extension; RAYKD_CACHE shares them between output folders.
-    cache_dir = Path(os.environ.get("RAYKD_CACHE") or Path(spec.output.dir) / "cache")
+    cache_dir = Path(os.environ.get("RAYKD_CACHE") or Path(spec.output.dir) / "cache").expanduser().resolve()
     started = time.time()
     try:
-        start_ray(spec, cache_dir.resolve())
+        start_ray(spec, cache_dir)
     except ClusterError as e:
         print(f"error: {e}")
         return 2

@@ -348,7 +348,35 @@ def load_spec(path: str | Path) -> SweepSpec:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise SpecError(str(path), [f"not valid YAML{where}: {problem}"]) from None
-    return parse_spec(data, str(path))
+    return resolve_paths(parse_spec(data, str(path)))
+
+
+def _absolute(path: str, cwd: Path) -> str:
+    return str((cwd / Path(path).expanduser()).resolve())
+
+
+def _local_model(model: str, cwd: Path) -> str:
+    """A model that names an existing folder becomes its absolute path; anything else is left for the hub."""
+    if model == "embedded" or not (cwd / Path(model).expanduser()).is_dir():
+        return model
+    return _absolute(model, cwd)
+
+
+def resolve_paths(spec: SweepSpec, cwd: Path | None = None) -> SweepSpec:
+    """Every user path made absolute against the shell's working directory, once, on the driver.
+
+    A Ray Tune trial runs in a working directory of its own (its artifact folder) and a job submitted with
+    `ray job submit --working-dir` runs in an unpacked copy of that folder: a relative path handed to either
+    would name a different place. So nothing relative leaves the driver.
+    """
+    cwd = cwd or Path.cwd()
+    update: dict[str, Any] = {"output": spec.output.model_copy(update={"dir": _absolute(spec.output.dir, cwd)})}
+    if spec.problems.path is not None:
+        update["problems"] = spec.problems.model_copy(update={"path": _absolute(spec.problems.path, cwd)})
+    for role in ("teacher", "student"):
+        model: ModelSpec = getattr(spec, role)
+        update[role] = model.model_copy(update={"model": _local_model(model.model, cwd)})
+    return spec.model_copy(update=update)
 
 
 def field_help(model: type[BaseModel] = SweepSpec, prefix: str = "") -> list[str]:

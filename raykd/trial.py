@@ -63,7 +63,7 @@ def run_trial(config: dict[str, Any]) -> None:
     trainer = build_trainer(
         train_cfg,
         datasets={"train": ray.data.read_parquet(config["traces_path"])},
-        storage_path=str(Path(out).resolve() / "trials"),
+        storage_path=str(Path(out) / "trials"),
         name=trial["trial_id"],
         callbacks=[TuneReportCallback()],
     )
