@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     scale = kb.params(teacher_model) / kb.params(student)
     if scale < 4:
         raise SystemExit(f"the teacher has {scale:.1f}x the student's parameters; this benchmark wants >= 4x")
-    step.check_vocab(student, teacher_model)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     teacher = step.OnlineTeacher(teacher_model.to(dev, dtype))
     shapes = step.ModelShape.of(student), step.ModelShape.of(teacher_model)

@@ -30,7 +30,9 @@ STATUSES = ("correct", "wrong", "unparseable", "truncated")
 @dataclass(frozen=True)
 class EvalResult:
     """accuracy: pass@1 averaged over the samples of each problem, then over problems; stderr: its standard
-    error across problems (sample std / sqrt(n_problems)); counts: samples per status."""
+    error across problems (sample std / sqrt(n_problems)); counts: samples per status; end_of_turn: samples
+    whose last token is the chat template's end-of-turn token (a completion that stopped where the format
+    ends a turn)."""
 
     accuracy: float
     stderr: float
@@ -39,6 +41,11 @@ class EvalResult:
     counts: dict[str, int] = field(default_factory=dict)
     completion_tokens: int = 0
     seconds: float = 0.0
+    end_of_turn: int = 0
+
+    def share(self, status: str) -> float:
+        """The share of all samples with this status (e.g. 'truncated': ran to max_tokens)."""
+        return self.counts.get(status, 0) / max(1, sum(self.counts.values()))
 
 
 def evaluate_student(
@@ -56,9 +63,13 @@ def evaluate_student(
     """Sample ``eval_spec.samples`` completions per problem (temperature, top_p, max_tokens from
     ``eval_spec``: raykd.spec.EvaluationSpec) and score them with ``check_kind`` ('exact' or 'math').
 
-    tokenizer_dir defaults to model_dir; gpus / num_cpus / resources (custom) are what the engine actor asks
-    Ray for.
+    Prompts are rendered with the chat template of ``tokenizer_dir`` exactly as the training prompts were
+    (`chat_prompt_ids`), and sampling stops on that template's end-of-turn token and on the model's own EOS
+    ids (raykd.chat.stop_ids). tokenizer_dir defaults to model_dir (a trained student's folder holds the
+    traces' tokenizer and template); for a base model name the teacher's. gpus / num_cpus / resources
+    (custom) are what the engine actor asks Ray for.
     """
+    from raykd import chat
     from raykd.traces.stages import chat_prompt_ids, load_tokenizer
 
     start = time.perf_counter()
@@ -68,7 +79,13 @@ def evaluate_student(
     if not problems:
         raise ValueError("no eval problems; set problems.eval_size to at least 1")
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
+    if not tokenizer.chat_template:
+        raise checks.TraceSetupError(
+            f"evaluation: the tokenizer in {tokenizer_dir} has no chat template, so the prompts cannot be "
+            "rendered as the training prompts were; evaluate with the teacher's tokenizer (tokenizer_dir)"
+        )
     prompts = [chat_prompt_ids(tokenizer, p.prompt) for p in problems]
+    stops, end_of_turn = chat.stop_ids(tokenizer, model_dir), chat.end_of_turn(tokenizer)
     lengths = {p.id: len(ids) for p, ids in zip(problems, prompts, strict=True)}
     context = checks.model_context(model_dir)
     max_model_len = checks.check_context(lengths, eval_spec.max_tokens, context, "evaluation", model_dir)
@@ -87,6 +104,7 @@ def evaluate_student(
         "temperature": eval_spec.temperature,
         "top_p": eval_spec.top_p,
         "max_tokens": eval_spec.max_tokens,
+        "stop_token_ids": stops,
     }
     outputs = run_engine(config, [prompts[i] for i, _ in requests], seeds, sampling, num_cpus, resources)
     texts = tokenizer.batch_decode([o["completion_ids"] for o in outputs], skip_special_tokens=False)
@@ -95,10 +113,16 @@ def evaluate_student(
         for (i, _), text, out in zip(requests, texts, outputs, strict=True)
     ]
     correct = np.array([s == "correct" for s in statuses], np.float64).reshape(len(problems), n)
-    return summarize(correct, statuses, outputs, time.perf_counter() - start)
+    return summarize(correct, statuses, outputs, time.perf_counter() - start, end_of_turn)
 
 
-def summarize(correct: np.ndarray, statuses: list[str], outputs: list[dict], seconds: float) -> EvalResult:
+def summarize(
+    correct: np.ndarray,
+    statuses: list[str],
+    outputs: list[dict],
+    seconds: float,
+    end_of_turn: int | None = None,
+) -> EvalResult:
     """correct: (problems, samples) 0/1 -> accuracy, stderr across problems, counts."""
     per_problem = correct.mean(axis=1)
     n_problems = len(per_problem)
@@ -111,6 +135,9 @@ def summarize(correct: np.ndarray, statuses: list[str], outputs: list[dict], sec
         counts={s: statuses.count(s) for s in STATUSES},
         completion_tokens=int(sum(len(o["completion_ids"]) for o in outputs)),
         seconds=round(seconds, 2),
+        end_of_turn=sum(
+            1 for o in outputs if len(o["completion_ids"]) and int(o["completion_ids"][-1]) == end_of_turn
+        ),
     )
 
 

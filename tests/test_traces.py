@@ -232,15 +232,15 @@ def test_teacher_and_student_vocabularies_must_match_before_any_work(tmp_path: P
     teacher = word_tokenizer(tmp_path / "teacher", ["<unk>", "a", "b", "c"])
     same = word_tokenizer(tmp_path / "same", ["<unk>", "a", "b", "c"])
     other = word_tokenizer(tmp_path / "other", ["<unk>", "b", "a", "c"])
-    checks.check_same_vocabulary(str(teacher), str(same))
+    checks.check_vocabulary(str(teacher), str(same))
     with pytest.raises(checks.TraceSetupError) as caught:
-        checks.check_same_vocabulary(str(teacher), str(other))
+        checks.check_vocabulary(str(teacher), str(other))
     message = str(caught.value)
-    assert f"teacher.model {teacher} and student.model {other} do not share a vocabulary" in message
-    assert "2 with other ids" in message
+    assert f"student.model {other} does not share the vocabulary of teacher.model {teacher}" in message
+    assert "2 id(s) map to other tokens, first id 1: 'a' for the teacher, 'b' for the student" in message
     spec = make_spec()
     problems = make_problems("cups", "train", 2, seed=0)
-    with pytest.raises(checks.TraceSetupError, match=r"do not share a vocabulary"):
+    with pytest.raises(checks.TraceSetupError, match=r"does not share the vocabulary"):
         generate_traces(spec, problems, teacher, teacher, tmp_path / "out", student_dir=other)
     with pytest.raises(checks.TraceSetupError, match=r"teacher.model: no such model folder"):
         generate_traces(spec, problems, teacher, tmp_path / "missing", tmp_path / "out")

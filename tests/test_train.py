@@ -167,15 +167,18 @@ def test_flops_formula_counts_the_body_the_supervised_head_and_causal_attention(
 
 
 def test_vocabulary_mismatch_is_an_error_before_training(tmp_path: Path):
+    from raykd.embedded.tokenizer import build_tokenizer
     from raykd.kd.trainer import build_trainer
 
+    build_tokenizer(tmp_path / "tokenizer")
     synthetic.tiny_llama(VOCAB, hidden=64, heads=2).save_pretrained(tmp_path / "student")
     synthetic.tiny_llama(VOCAB + 32, hidden=64, heads=2).save_pretrained(tmp_path / "teacher")
     cfg = _train_cfg(tmp_path, teacher_dir=str(tmp_path / "teacher"), teacher_signal="online", batch_size=6)
     with pytest.raises(ValueError) as err:
         build_trainer(cfg, {}, str(tmp_path / "runs"), "t")
-    # every problem at once: the vocabularies and the batch size
-    assert "vocabularies differ" in str(err.value) and "not a multiple of micro_batch_size" in str(err.value)
+    # every problem at once: the vocabularies (the tokenizer's ids need more rows than the student's 96)
+    # and the batch size
+    assert "emits ids up to" in str(err.value) and "not a multiple of micro_batch_size" in str(err.value)
     with pytest.raises(ValueError, match=r"another vocabulary"):
         step.check_vocab(synthetic.tiny_llama(VOCAB, hidden=64, heads=2), max_topk_id=VOCAB)
 

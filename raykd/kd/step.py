@@ -123,6 +123,7 @@ class KDStudent(nn.Module):
         hidden = supervised_hidden(decoder(self.model), input_ids, flat_pos)
         weight = lm_head_weight(self.model)
         if teacher_hidden is not None:
+            weight, teacher_weight = shared_vocabulary(weight, teacher_weight)
             sums = chunked_kd_loss(
                 hidden, weight, target_ids, TeacherHead(teacher_hidden, teacher_weight), self.loss, segment
             )
@@ -197,14 +198,22 @@ class OnlineTeacher:
         return supervised_hidden(self.body, input_ids, flat_pos)
 
 
-def check_vocab(student: nn.Module, teacher: nn.Module | None = None, max_topk_id: int | None = None) -> None:
-    """A clear error, before any step, when the teacher's ids cannot index the student's vocabulary."""
+def shared_vocabulary(student_weight: Tensor, teacher_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Both lm_heads cut to the rows they share. student_weight: (V_s, d), teacher_weight: (V_t, d_t).
+
+    One tokenizer, two embedding sizes (padding rows past the tokenizer, e.g. 152064 vs 151936): row i is
+    the same token in both only below min(V_s, V_t) (raykd.traces.checks.check_vocabulary saw to that), so
+    the online KD compares the two distributions over those rows. Slicing is a view: gradients reach the
+    student's own rows.
+    """
+    rows = min(student_weight.shape[0], teacher_weight.shape[0])
+    return student_weight[:rows], teacher_weight[:rows]
+
+
+def check_vocab(student: nn.Module, max_topk_id: int | None = None) -> None:
+    """A clear error, before any step, when the cached teacher ids cannot index the student's vocabulary
+    (the traces' own ids; the tokenizers themselves were compared on the driver)."""
     vocab = student.get_output_embeddings().weight.shape[0]
-    if teacher is not None and teacher.get_output_embeddings().weight.shape[0] != vocab:
-        raise ValueError(
-            f"teacher vocabulary ({teacher.get_output_embeddings().weight.shape[0]} rows) differs from the "
-            f"student's ({vocab}); distil between models that share a tokenizer and vocabulary"
-        )
     if max_topk_id is not None and max_topk_id >= vocab:
         raise ValueError(
             f"cached teacher top-k holds token id {max_topk_id}, outside the student's vocabulary ({vocab}); "
@@ -521,5 +530,6 @@ __all__ = [
     "ds_config",
     "init_single_process",
     "lm_head_weight",
+    "shared_vocabulary",
     "train_step",
 ]

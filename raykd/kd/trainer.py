@@ -16,7 +16,6 @@ is replaced and the run resumes from the latest checkpoint, up to `max_failures`
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -137,6 +136,7 @@ def check_config(cfg: KDConfig) -> None:
     """Every problem with a trial's training config at once, before any worker starts."""
     from raykd import truncation
     from raykd.kd.batching import POLICY_WINDOWS
+    from raykd.traces import checks
 
     problems = []
     per_pass = cfg.micro_batch_size * cfg.workers_per_trial
@@ -162,44 +162,16 @@ def check_config(cfg: KDConfig) -> None:
         problems.append("teacher_signal 'online' needs teacher_dir (the teacher model folder)")
     if not Path(cfg.student_dir).is_dir():
         problems.append(f"student_dir {cfg.student_dir} is not a folder")
-    problems += vocabulary_problems(cfg.student_dir, cfg.teacher_dir)
+    for name in ("teacher_dir", "tokenizer_dir"):
+        if getattr(cfg, name) and not Path(getattr(cfg, name)).is_dir():
+            problems.append(f"{name} {getattr(cfg, name)} is not a folder")
+    if cfg.teacher_dir and all(Path(d).is_dir() for d in (cfg.student_dir, cfg.teacher_dir)):
+        # the driver checked before generation; a trainer built on its own is checked the same way
+        try:
+            trust = cfg.trust_remote_code
+            checks.check_vocabulary(cfg.teacher_dir, cfg.student_dir, cfg.tokenizer_dir, trust)
+        except (ValueError, OSError) as e:
+            problems.append(str(e))
     if problems:
         raise ValueError("cannot train this trial:\n" + "\n".join(f"  - {p}" for p in problems))
 
-
-def vocabulary_problems(student_dir: str, teacher_dir: str | None) -> list[str]:
-    """Teacher and student must share the vocabulary: same embedding rows and, when both folders hold a
-    tokenizer.json, the same token -> id map. Reads only JSON files."""
-    if not teacher_dir or not Path(teacher_dir).is_dir() or not Path(student_dir).is_dir():
-        return []
-    sizes = [_vocab_size(Path(d)) for d in (student_dir, teacher_dir)]
-    if None not in sizes and sizes[0] != sizes[1]:
-        return [
-            f"teacher and student vocabularies differ: the teacher ({teacher_dir}) has {sizes[1]} tokens, "
-            f"the student ({student_dir}) {sizes[0]}; distil between models sharing one tokenizer"
-        ]
-    maps = [_token_map(Path(d)) for d in (student_dir, teacher_dir)]
-    if None not in maps and maps[0] != maps[1]:
-        differ = sorted(set(maps[0].items()) ^ set(maps[1].items()), key=str)[:3]
-        return [
-            f"teacher and student tokenizers map tokens to different ids (e.g. {differ}); use one tokenizer"
-        ]
-    return []
-
-
-def _vocab_size(folder: Path) -> int | None:
-    path = folder / "config.json"
-    if not path.is_file():
-        return None
-    config = json.loads(path.read_text())
-    return config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-
-
-def _token_map(folder: Path) -> dict[str, int] | None:
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    vocab = dict(data.get("model", {}).get("vocab", {}))
-    vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
-    return vocab

@@ -286,7 +286,7 @@ class _Run:
             self.teacher_shape = step.ModelShape.of(teacher_model)
         max_id = max((int(e.topk_ids.max()) for e in self.examples if e.topk_ids.size), default=-1)
         max_id = int(all_reduce([max_id], "max")[0])
-        step.check_vocab(student, teacher_model, max_id if self.cfg.teacher_signal == "cached_topk" else None)
+        step.check_vocab(student, max_id if self.cfg.teacher_signal == "cached_topk" else None)
         self.shape = step.ModelShape.of(student)
         self.pad_id = student.config.pad_token_id if student.config.pad_token_id is not None else 0
         loss = KDLossConfig(
@@ -553,11 +553,8 @@ def _checkpoint(folder: str) -> Any:
 # ------------------------------------------------------------------------------------------ HF export
 
 
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-
-
 def save_student(engine: Any, cfg: KDConfig, rank: int) -> None:
-    """Write the student as a Hugging Face folder (config, tokenizer files of the base, safetensors).
+    """Write the student as a Hugging Face folder (config, safetensors, the traces' tokenizer and template).
 
     A collective under ZeRO-3 (the partitioned weights are gathered to rank 0); rank 0 writes, atomically.
     """
@@ -595,19 +592,20 @@ def _parent(out: Path) -> Path:
 
 
 def _copy_side_files(cfg: KDConfig, folder: Path) -> None:
-    """Tokenizer and generation files of the base student (or of tokenizer_dir), so vLLM loads the folder."""
-    for source in [cfg.student_dir, cfg.tokenizer_dir]:
-        if not source or not Path(source).is_dir():
-            continue
-        for item in Path(source).iterdir():
-            weights = item.name in HF_WEIGHT_FILES or item.suffix in (".safetensors", ".bin", ".pt")
-            if (
-                item.is_file()
-                and not weights
-                and item.name != "config.json"
-                and not (folder / item.name).exists()
-            ):
-                shutil.copy2(item, folder / item.name)
+    """The tokenizer and chat template the traces were made with (tokenizer_dir: the teacher's), and a
+    generation_config.json that stops on the template's end-of-turn token and the base student's own EOS
+    (raykd.chat), so vLLM and transformers generate in the format the student was trained on; the base's
+    licence files come along."""
+    from raykd import chat
+    from raykd.traces.stages import load_tokenizer
+
+    source = cfg.tokenizer_dir or cfg.teacher_dir or cfg.student_dir
+    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    tokenizer.save_pretrained(folder)
+    chat.write_generation_config(folder, tokenizer, cfg.student_dir)
+    for item in Path(cfg.student_dir).glob("*"):
+        if item.is_file() and item.name.upper().startswith(("LICENSE", "NOTICE")):
+            shutil.copy2(item, folder / item.name)
 
 
 __all__ = ["TRAIN_COLUMNS", "KDConfig", "means", "save_student", "train_func"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 # "org/name" with nothing that looks like a filesystem path: a hub id vLLM may resolve from its cache.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -32,14 +33,18 @@ def check_model_path(path: str, setting: str) -> None:
     )
 
 
+def model_config(model_dir: str | Path) -> dict[str, Any]:
+    """A model folder's config.json (its text model's part for multimodal configs), {} when there is none."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data.get("text_config", data)
+
+
 def model_context(model_dir: str) -> int | None:
     """The model's longest sequence (max_position_embeddings), or None when no local config says."""
-    config = Path(model_dir) / "config.json"
-    if not config.is_file():
-        return None
-    data = json.loads(config.read_text())
-    data = data.get("text_config", data)
-    value = data.get("max_position_embeddings")
+    value = model_config(model_dir).get("max_position_embeddings")
     return int(value) if value else None
 
 
@@ -62,49 +67,78 @@ def check_context(
     return need
 
 
-def vocabulary(
-    folder: str, fallback_tokenizer: str | None = None
-) -> tuple[dict[str, int] | None, int | None]:
-    """(token -> id map of the folder's tokenizer or None, embedding rows from config.json or None)."""
-    from transformers import AutoTokenizer
+def check_vocabulary(
+    teacher: str, student: str, tokenizer: str | None = None, trust_remote_code: bool = False
+) -> None:
+    """Refuse a teacher/student pair whose token ids mean different things: KD compares them id by id.
 
-    vocab = None
-    source = folder if _has_tokenizer(folder) else fallback_tokenizer
-    if source is not None and Path(source).is_dir():
-        vocab = AutoTokenizer.from_pretrained(source).get_vocab()
-    rows = None
-    config = Path(folder) / "config.json"
-    if config.is_file():
-        data = json.loads(config.read_text())
-        rows = data.get("text_config", data).get("vocab_size")
-    return vocab, rows
+    Over every id the teacher's tokenizer (``tokenizer``, default the teacher's folder) can emit, the
+    student's tokenizer must hold the same token; the student's embedding needs a row for the largest. The
+    embedding sizes may differ (models pad them: Qwen2.5-7B has 152064 rows, 0.5B 151936, one tokenizer). A
+    student folder without tokenizer files is checked on its rows only (it is trained and saved with the
+    teacher's tokenizer). Reads tokenizers and config.json, never weights.
+    """
+    from raykd.traces.stages import load_tokenizer
 
-
-def check_same_vocabulary(teacher: str, student: str, teacher_tokenizer: str | None = None) -> None:
-    """Refuse a teacher/student pair whose token ids mean different things (KD compares them id by id)."""
-    t_vocab, t_rows = vocabulary(teacher, teacher_tokenizer)
-    s_vocab, s_rows = vocabulary(student, teacher_tokenizer)
-    problem = None
-    if t_vocab is not None and s_vocab is not None and t_vocab != s_vocab:
-        moved = sorted(tok for tok in t_vocab.keys() & s_vocab.keys() if t_vocab[tok] != s_vocab[tok])
-        only = sorted(t_vocab.keys() ^ s_vocab.keys())
-        example = moved[:1] or only[:1]
-        problem = (
-            f"their tokenizers differ ({len(t_vocab)} vs {len(s_vocab)} tokens, {len(moved)} with other ids, "
-            f"{len(only)} in one only; e.g. {example[0]!r})"
-        )
-    elif t_vocab is not None and s_rows is not None and max(t_vocab.values()) >= s_rows:
-        top = max(t_vocab.values())
-        problem = f"the student's embedding has {s_rows} rows but the teacher emits ids up to {top}"
-    elif (
-        t_vocab is None and s_vocab is None and t_rows is not None and s_rows is not None and t_rows != s_rows
-    ):
-        problem = f"vocab_size {t_rows} vs {s_rows}"
-    if problem:
+    t_vocab = _teacher_tokenizer(tokenizer or teacher, teacher, trust_remote_code).get_vocab()
+    s_vocab = load_tokenizer(student, trust_remote_code).get_vocab() if _has_tokenizer(student) else None
+    pair = f"student.model {student} does not share the vocabulary of teacher.model {teacher}"
+    fix = "distillation compares token ids: pick a student of the teacher's family (one tokenizer)"
+    if s_vocab is not None:
+        differ = _differing_ids(t_vocab, s_vocab)
+        if differ:
+            first = "; ".join(
+                f"id {i}: {t!r} for the teacher, {s!r} for the student" for i, t, s in differ[:3]
+            )
+            raise TraceSetupError(f"{pair}: {len(differ)} id(s) map to other tokens, first {first}; {fix}")
+    rows = model_config(student).get("vocab_size")
+    top = max(t_vocab.values())
+    if rows is not None and top >= rows:
         raise TraceSetupError(
-            f"teacher.model {teacher} and student.model {student} do not share a vocabulary: {problem}; "
-            "distillation compares token ids, so pick a student from the teacher's family"
+            f"{pair}: the teacher's tokenizer emits ids up to {top} but the student's embedding has {rows} "
+            f"rows (config.json vocab_size); {fix}"
         )
+
+
+def _teacher_tokenizer(source: str, teacher: str, trust_remote_code: bool) -> Any:
+    from raykd.traces.stages import load_tokenizer
+
+    if not _has_tokenizer(source):
+        raise TraceSetupError(
+            f"teacher.model {teacher}: no tokenizer files in {source} ({', '.join(_TOKENIZER_FILES)}); "
+            "give a model folder that holds its tokenizer"
+        )
+    return load_tokenizer(source, trust_remote_code)
+
+
+def _differing_ids(teacher: dict[str, int], student: dict[str, int]) -> list[tuple[int, str, str | None]]:
+    """(id, teacher token, student token or None) for every teacher id the student reads otherwise, by id."""
+    by_id = {i: token for token, i in student.items()}
+    return sorted((i, token, by_id.get(i)) for token, i in teacher.items() if by_id.get(i) != token)
+
+
+def check_chat_template(
+    tokenizer: str, student: str | None, teacher: str | None = None, trust_remote_code: bool = False
+) -> None:
+    """Every prompt is rendered with the teacher's chat template, which the student then learns and is saved
+    and evaluated with; a base student without one is fine, a teacher without one is refused."""
+    from raykd.traces.stages import load_tokenizer
+
+    if _teacher_tokenizer(tokenizer, teacher or tokenizer, trust_remote_code).chat_template:
+        return
+    student_has = student is not None and _has_tokenizer(student)
+    student_has = student_has and bool(load_tokenizer(student, trust_remote_code).chat_template)
+    where = f"teacher.model {teacher or tokenizer} has no chat template"
+    if student_has:
+        raise TraceSetupError(
+            f"{where} (student.model {student} has one): raykd renders the traces, the trained student and "
+            "its evaluation with the teacher's template; add a chat_template to the teacher's "
+            "tokenizer_config.json (the student's, if that is the format you want) or use an instruct teacher"
+        )
+    raise TraceSetupError(
+        f"{where}, nor has student.model {student}: the traces need a chat format for their prompts; "
+        "use an instruct teacher (its tokenizer_config.json holds a chat_template) or add one to it"
+    )
 
 
 def check_gpus(engines: int, gpus_per_engine: int, available: float) -> None:

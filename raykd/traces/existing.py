@@ -5,11 +5,12 @@
     the same Parquet shards, columns and store as generated traces
 
 The completion is the dataset's text in ``<think>`` form (raykd.problems.sources ``think_completion``)
-followed by the teacher's EOS, so the student learns the same format as from generated traces. Its ids come
-from tokenizing that text (the only ids a text source has); every id then gets the teacher's top-k at that
-position, exactly as a generated trace does. The reference answer is the solution's last ``\\boxed{}``: a
-trace without one is 'unparseable' (nothing to check it against). Traces whose completion is longer than
-``generation.max_tokens`` are left out, as generation would have cut them, and counted.
+followed by the end-of-turn token of the teacher's chat template (raykd.chat), so the student learns the
+same format as from generated traces. Its ids come from tokenizing that text (the only ids a text source
+has); every id then gets the teacher's top-k at that position, exactly as a generated trace does. The
+reference answer is the solution's last ``\\boxed{}``: a trace without one is 'unparseable' (nothing to
+check it against). Traces whose completion is longer than ``generation.max_tokens`` are left out, as
+generation would have cut them, and counted.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raykd.chat import end_of_turn
 from raykd.problems.tasks import Problem
 from raykd.traces import checks
 from raykd.traces.stages import IDS, list_column, load_tokenizer, segment_meta
@@ -80,7 +82,9 @@ def tokenize_traces(batch: pa.Table, tokenizer_dir: str, max_tokens: int) -> pa.
         for s, p in zip(systems, batch.column("prompt").to_pylist(), strict=True)
     ]
     texts = batch.column("completion_text").to_pylist()
-    seqs, seg = segment_texts(prompts, texts, tokenizer, THINK_OPEN, THINK_CLOSE, tokenizer.eos_token_id)
+    # A turn ends as the teacher's chat template ends one, which is where the trained student must stop.
+    end = end_of_turn(tokenizer)
+    seqs, seg = segment_texts(prompts, texts, tokenizer, THINK_OPEN, THINK_CLOSE, end)
     lengths = seqs.lengths
     prompt_lens = seg.prompt_ends
     rows = [seqs.row(i).astype(np.int32) for i in range(len(seqs))]

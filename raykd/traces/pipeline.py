@@ -121,13 +121,16 @@ def generate_traces(
 
 
 def preflight(spec: Any, tokenizer_dir: str, teacher_dir: str, student_dir: str | Path | None) -> None:
-    """Everything that can be refused before Ray or vLLM start: paths, vocabularies, parallelism."""
+    """Everything that can be refused before Ray or vLLM start: paths, vocabularies, the chat template,
+    parallelism."""
     checks.check_model_path(teacher_dir, "teacher.model")
     if student_dir is None and spec.student.model != "embedded":
         student_dir = spec.student.model
+    trust = spec.teacher.trust_remote_code
     if student_dir is not None:
         checks.check_model_path(str(student_dir), "student.model")
-        checks.check_same_vocabulary(teacher_dir, str(student_dir), tokenizer_dir)
+        checks.check_vocabulary(teacher_dir, str(student_dir), tokenizer_dir, trust)
+    checks.check_chat_template(tokenizer_dir, student_dir and str(student_dir), teacher_dir, trust)
     checks.check_tensor_parallel(spec.generation.gpus_per_engine, spec.generation.tensor_parallel)
 
 

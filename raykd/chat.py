@@ -1,0 +1,72 @@
+"""The chat format of a sweep: the teacher's template, its end-of-turn token and the ids generation stops on.
+
+The traces are rendered with the teacher's tokenizer and chat template (`raykd.traces.stages.chat_prompt_ids`)
+and end with the template's end-of-turn token, so that is the format the student learns. The trained student
+is saved with that tokenizer and template and a generation_config.json whose eos_token_id lists the
+end-of-turn token and the student's own EOS (`write_generation_config`); evaluation renders its prompts the
+same way and stops on the same ids (`stop_ids`). A base model's EOS (``<|endoftext|>``) is usually not the
+instruct template's end-of-turn (``<|im_end|>``): without this, a trained base student would run on past its
+answer to ``max_tokens``.
+
+Reads tokenizers (transformers) and JSON files only; no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# Assistant content whose rendering shows what the template writes right after a turn.
+_SENTINEL = "RAYKDENDOFTURNPROBE"
+
+
+def end_of_turn(tokenizer: Any) -> int | None:
+    """The token the chat template writes right after an assistant turn (``<|im_end|>`` in ChatML,
+    ``<|eot_id|>`` in Llama 3), when that is a special token; else the tokenizer's EOS; None if neither."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception:  # templates may refuse some conversations; the EOS is the fallback then
+            text = ""
+        if _SENTINEL in text:
+            after = text[text.rindex(_SENTINEL) + len(_SENTINEL) :]
+            ids = tokenizer.encode(after, add_special_tokens=False) if after else []
+            if ids and ids[0] in tokenizer.added_tokens_decoder:
+                return int(ids[0])
+    return tokenizer.eos_token_id
+
+
+def model_eos_ids(model_dir: str | Path) -> list[int]:
+    """The EOS ids a model folder declares (generation_config.json first, then config.json)."""
+    found: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        value = data.get("eos_token_id", data.get("text_config", {}).get("eos_token_id"))
+        for eos in value if isinstance(value, list) else [value]:
+            if isinstance(eos, int) and eos not in found:
+                found.append(eos)
+    return found
+
+
+def stop_ids(tokenizer: Any, model_dir: str | Path) -> list[int]:
+    """The template's end-of-turn token first, then the model's own EOS ids (no repeats)."""
+    ids = [end_of_turn(tokenizer), *model_eos_ids(model_dir)]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def write_generation_config(folder: str | Path, tokenizer: Any, base_dir: str | Path) -> list[int]:
+    """Make ``folder``'s generation_config.json stop on the template's end-of-turn and ``base_dir``'s EOS
+    (the base student's); its other fields (from the model's save) are kept. Returns the EOS ids written."""
+    path = Path(folder) / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    eos = stop_ids(tokenizer, base_dir)
+    config["eos_token_id"] = eos
+    if config.get("pad_token_id") is None and tokenizer.pad_token_id is not None:
+        config["pad_token_id"] = tokenizer.pad_token_id
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return eos
