@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from raykd.spec import SEGMENT_SHORT, SweepSpec
+from raykd.spec import SEGMENT_SHORT, SweepAxes, SweepSpec
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,26 @@ class Trial:
 
     @property
     def trial_id(self) -> str:
-        """A stable, filesystem-safe name, e.g. 'f0.50_P+CoT+A_s0'."""
-        return f"f{self.fraction:.2f}_{self.segments_label}_s{self.seed}"
+        """A stable, filesystem-safe name, e.g. 'f0.50_P+CoT+A_s0'; distinct grid points never share one."""
+        return f"f{fraction_label(self.fraction)}_{self.segments_label}_s{self.seed}"
+
+
+def fraction_label(fraction: float) -> str:
+    """Two decimals when they are the exact value ('0.50'), else the shortest exact form ('0.125').
+
+    Rounding alone would name 0.12 and 0.125 alike and give two trials one folder and one record; a float's
+    repr reads back as the same float, so the label is exact for every fraction.
+    """
+    short = f"{fraction:.2f}"
+    return short if float(short) == fraction else repr(fraction)
+
+
+def duplicate_trial_ids(trials: list[Trial]) -> dict[str, list[Trial]]:
+    """Trial ids that more than one grid point would get (empty for a valid grid)."""
+    by_id: dict[str, list[Trial]] = {}
+    for trial in trials:
+        by_id.setdefault(trial.trial_id, []).append(trial)
+    return {tid: group for tid, group in by_id.items() if len(group) > 1}
 
 
 @dataclass(frozen=True)
@@ -63,12 +81,17 @@ class Plan:
         return Resources(max(trials.cpus, self.generation.cpus), max(trials.gpus, self.generation.gpus))
 
 
-def make_plan(spec: SweepSpec) -> Plan:
-    axes = spec.sweep
-    trials = [
+def grid_trials(axes: SweepAxes) -> list[Trial]:
+    """Every point of the grid, in the order the table lists them."""
+    return [
         Trial(fraction=f, segments=tuple(seg), seed=seed)
         for seed, seg, f in itertools.product(axes.seeds, axes.segments, sorted(axes.truncation))
     ]
+
+
+def make_plan(spec: SweepSpec) -> Plan:
+    axes = spec.sweep
+    trials = grid_trials(axes)
     res = spec.resources
     worker = Resources(cpus=res.cpus_per_worker, gpus=res.gpus_per_worker)
     per_trial = TRIAL_DRIVER + worker * res.workers_per_trial
@@ -135,7 +158,9 @@ def describe_plan(spec: SweepSpec, plan: Plan) -> str:
         f"{'#':>3}  {'trial':<24} {'fraction':>8}  {'segments':<10} {'seed':>4}",
     ]
     for i, t in enumerate(plan.trials):
-        lines.append(f"{i:>3}  {t.trial_id:<24} {t.fraction:>8.2f}  {t.segments_label:<10} {t.seed:>4}")
+        lines.append(
+            f"{i:>3}  {t.trial_id:<24} {fraction_label(t.fraction):>8}  {t.segments_label:<10} {t.seed:>4}"
+        )
     cost = gpu_hours(spec, plan)
     if sum(cost.values()) > 0:
         lines += [

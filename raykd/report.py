@@ -31,6 +31,12 @@ COLUMNS = [
     "flops_saved_pct",
     "time_saved_pct",
     "error",
+    # What the row belongs to: a hash of the trial's settings, traces and models (raykd.identity); a rerun
+    # with other settings gets another fingerprint and never shows this row as its own.
+    "fingerprint",
+    # The models, 'org/name@<commit>' for a hub model (the commit the run resolved), else the folder.
+    "teacher",
+    "student",
 ]
 
 
@@ -41,6 +47,8 @@ class References:
     teacher_accuracy: float | None = None
     student_base_accuracy: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # role -> how the run names the model ('org/name@<commit>'): the header of results.md
+    models: dict[str, str] = field(default_factory=dict)
 
 
 def _saved(value: float | None, full: float | None) -> float | None:
@@ -62,7 +70,7 @@ def complete_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         base = full.get((rec["segments"], rec["seed"]))
         if base and rec.get("status") == "ok":
             acc, base_acc = rec.get("accuracy"), base.get("accuracy")
-            row["retained_pct"] = 100.0 * acc / base_acc if base_acc else None
+            row["retained_pct"] = 100.0 * acc / base_acc if base_acc and acc is not None else None
             row["tokens_saved_pct"] = _saved(rec.get("kept_tokens"), base.get("kept_tokens"))
             row["flops_saved_pct"] = _saved(rec.get("flops"), base.get("flops"))
             row["time_saved_pct"] = _saved(rec.get("train_s"), base.get("train_s"))
@@ -101,7 +109,9 @@ NUMERIC_CELLS = [
 def markdown_table(rows: list[dict[str, Any]], refs: References | None = None) -> str:
     """The table a person reads: accuracy ± stderr, retained %, tokens, compute and savings."""
     head = ["trial", "f", "segments", "seed", "status", "accuracy"] + [h for _, h in NUMERIC_CELLS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    named = {role: m for role, m in (refs.models if refs else {}).items() if m != "embedded"}
+    lines = [f"{role}: {model}" for role, model in named.items()] + ([""] if named else [])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f} ± {r['stderr'] or 0:.3f}"
         cells = [r["trial_id"], _fmt(r["fraction"], "fraction"), r["segments"], str(r["seed"]), r["status"]]
@@ -156,7 +166,8 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path, refs: References | Non
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Accuracy against compute, by supervised segments")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no ok trial with FLOPs yet: an empty frame, no legend
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

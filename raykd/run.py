@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from raykd.identity import plan_resume, run_identity
+from raykd.lock import FolderLocked, driver_lock
 from raykd.plan import TRIAL_DRIVER, Plan, Trial
 from raykd.report import References, write_results
 from raykd.spec import SweepSpec
-from raykd.trial import read_record, run_trial, write_record
+from raykd.trial import mark_started, read_record, run_trial, write_record
 
 # Settings every Ray process needs; set before ray.init so local workers inherit them.
 RAY_ENV = {
@@ -161,6 +164,9 @@ def run_trials(spec: SweepSpec, plan: Plan, configs: list[dict[str, Any]]) -> No
     """Run the pending trials in a Tune grid; a failed trial gets a 'failed' record, the others go on."""
     from ray import tune
 
+    # Ctrl-C must end the sweep at once (raykd.run.run_sweep stops Ray): Tune's own handler would instead
+    # wait for every running trial to stop and save its state.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     # The trial holds no CPU, a unit of the head's resource; its trainer and evaluator ask for their own.
     trainable = tune.with_resources(run_trial, {"cpu": TRIAL_DRIVER.cpus, HEAD_RESOURCE: 1})
     tuner = tune.Tuner(
@@ -195,11 +201,37 @@ def run_trials(spec: SweepSpec, plan: Plan, configs: list[dict[str, Any]]) -> No
                     "seed": trial["seed"],
                     "status": "failed",
                     "error": str(result.error).strip().splitlines()[-1][:300],
+                    **cfg.get("identity", {}),
                 },
             )
 
 
 def run_sweep(spec: SweepSpec, plan: Plan) -> int:
+    """Run the sweep holding the output folder's driver lock; exit codes as in raykd.sweep."""
+    try:
+        with driver_lock(plan.output_dir):
+            return _run_sweep(spec, plan)
+    except FolderLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        _stop_ray()
+        print(
+            "\ninterrupted: finished trials and trace shards are kept; the same command continues the sweep",
+            flush=True,
+        )
+        return 130
+
+
+def _stop_ray() -> None:
+    """Disconnect (and end a local Ray this driver started): the trials it owns end with it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
     out = Path(plan.output_dir)
     # Embedded models and DeepSpeed's compiled extension; RAYKD_CACHE shares them between output folders.
     cache_dir = Path(os.environ.get("RAYKD_CACHE") or Path(spec.output.dir) / "cache").expanduser().resolve()
@@ -229,15 +261,19 @@ def run_sweep(spec: SweepSpec, plan: Plan) -> int:
     out.mkdir(parents=True, exist_ok=True)
     eval_path.write_text("".join(json.dumps(asdict(p)) + "\n" for p in eval_problems))
 
-    pending = [
-        t for t in plan.trials if (read_record(plan.output_dir, t.trial_id) or {}).get("status") != "ok"
-    ]
+    shared = run_identity(models, traces.key, eval_problems)
+    resume = plan_resume(spec, plan.trials, plan.output_dir, shared)
+    pending = resume.pending
     _log(f"{len(plan.trials) - len(pending)} trial(s) already finished, {len(pending)} to run")
     if pending:
-        configs = [trial_config(spec, plan, t, models, str(traces.path), str(eval_path)) for t in pending]
+        configs = []
+        for t in pending:
+            mark_started(plan.output_dir, t.trial_id, resume.identities[t.trial_id])
+            config = trial_config(spec, plan, t, models, str(traces.path), str(eval_path))
+            configs.append(config | {"identity": resume.identities[t.trial_id]})
         run_trials(spec, plan, configs)
 
-    records = [read_record(plan.output_dir, t.trial_id) for t in plan.trials]
+    records = [resume.finished(plan.output_dir, t) for t in plan.trials]
     done = [r for r in records if r is not None]
     refs = References(models.teacher_accuracy, models.student_accuracy)
     table = write_results(done, out, refs)

@@ -228,6 +228,19 @@ class SweepAxes(_Section):
     )
     max_concurrent_trials: int = Field(1, ge=1, description="Trials Ray Tune runs at once.")
 
+    @model_validator(mode="after")
+    def _distinct_trial_ids(self) -> SweepAxes:
+        # Two grid points with one id would share a folder and a record (one result shown for both).
+        from raykd.plan import duplicate_trial_ids, grid_trials  # plan imports this module
+
+        clashes = duplicate_trial_ids(grid_trials(self))
+        if clashes:
+            named = "; ".join(
+                f"{tid} for fractions {[t.fraction for t in group]}" for tid, group in clashes.items()
+            )
+            raise ValueError(f"two grid points get the same trial id ({named}); list distinct values")
+        return self
+
 
 class ResourcesSpec(_Section):
     workers_per_trial: int = Field(1, gt=0, description="Ray Train (DeepSpeed) workers per trial.")

@@ -12,7 +12,13 @@ Check a spec and see the plan without starting anything:
 
     python -m raykd.sweep sweeps/grid.yaml --dry-run
 
-Exit codes: 0 done, 1 the sweep ran but is incomplete (a failed trial), 2 bad spec or command line.
+Exit codes: 0 done, 1 the sweep ran but is incomplete (a failed trial), 2 bad spec or command line, or the
+output folder is held by another running driver (the message names its host and pid), 130 interrupted
+(Ctrl-C: Ray stopped, finished trials kept; the same command continues).
+
+Reruns into the same output folder skip the trials whose record matches the current settings (their
+fingerprint, shown in results.csv); a trial whose settings changed (e.g. training.lr) runs again, the message
+names the changed keys, and its old folder is moved under <output>/stale/.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """One Ray Tune trial: distil a student at one grid point with a TorchTrainer, then evaluate it with vLLM.
 
-The trial's record (result.json) is the source of truth for the results table and for resume: a trial with a
-record is finished and is not run again; one without restarts, and its TorchTrainer (same name, same storage)
-picks up the latest checkpoint Ray Train saved.
+The trial's record (result.json) is the source of truth for the results table and for resume: a trial with an
+`ok` record of the current settings (its fingerprint, raykd.identity) is finished and is not run again; one
+without restarts, and its TorchTrainer (same name, same storage) picks up the latest checkpoint Ray Train
+saved. A trial whose settings changed is moved aside first (`retire`), so nothing of the old settings resumes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 RECORD = "result.json"
+RECORD_KEYS = {"trial_id", "status", "fraction", "segments", "seed"}  # what the table needs
+STARTED = "started.json"  # the identity (fingerprint, settings) a trial was started with
 
 
 def trial_dir(output_dir: str, trial_id: str) -> Path:
@@ -21,8 +24,55 @@ def trial_dir(output_dir: str, trial_id: str) -> Path:
 
 
 def read_record(output_dir: str, trial_id: str) -> dict[str, Any] | None:
+    """The trial's record, or None when it has none or it cannot be read (the trial then counts as
+    unfinished and runs again: a half-copied or hand-edited file must not crash the results table)."""
     path = trial_dir(output_dir, trial_id) / RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        print(f"[raykd] warning: {path} is unreadable ({error}); trial {trial_id} runs again", flush=True)
+        return None
+    if not isinstance(record, dict) or not RECORD_KEYS.issubset(record):
+        print(f"[raykd] warning: {path} is not a trial record; trial {trial_id} runs again", flush=True)
+        return None
+    return record
+
+
+def read_started(output_dir: str, trial_id: str) -> dict[str, Any] | None:
+    """The settings a trial was last started with (written before it runs), None when unknown."""
+    path = trial_dir(output_dir, trial_id) / STARTED
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def mark_started(output_dir: str, trial_id: str, identity: dict[str, Any]) -> None:
+    """Note the settings a trial starts with, so a later run knows whose checkpoints its folder holds."""
+    folder = trial_dir(output_dir, trial_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{STARTED}.tmp"
+    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
+    os.replace(tmp, folder / STARTED)
+
+
+def retire(output_dir: str, trial_id: str, fingerprint: str | None) -> Path:
+    """Move a trial's folder (record, checkpoints, student) and TensorBoard log aside, under
+    ``stale/<trial>-<fingerprint>/``: a rerun with other settings must not resume its checkpoints, and
+    the old results stay for whoever wants them."""
+    target = (
+        Path(output_dir) / "stale" / f"{trial_id}-{fingerprint or 'unknown'}-{time.strftime('%Y%m%d%H%M%S')}"
+    )
+    target.mkdir(parents=True, exist_ok=True)
+    for source, name in (
+        (trial_dir(output_dir, trial_id), "trial"),
+        (Path(output_dir) / "tensorboard" / trial_id, "tensorboard"),
+    ):
+        if source.exists():
+            os.replace(source, target / name)
+    return target
 
 
 def write_record(output_dir: str, trial_id: str, record: dict[str, Any]) -> None:
@@ -32,6 +82,19 @@ def write_record(output_dir: str, trial_id: str, record: dict[str, Any]) -> None
     tmp = folder / f".{RECORD}.tmp"
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, folder / RECORD)
+
+
+def check_traces(traces_path: str) -> None:
+    """Refuse to train on a trace folder that changed on disk since it was written (a shard cut short by a
+    full disk or a killed copy): training on it would silently use fewer or garbled traces."""
+    from raykd.traces.store import verify_folder
+
+    problems = verify_folder(traces_path)
+    if problems:
+        raise RuntimeError(
+            f"the traces in {traces_path} are damaged ({'; '.join(problems[:3])}); run the same sweep "
+            "command again: it verifies the trace folder first and generates damaged shards again"
+        )
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -60,6 +123,7 @@ def run_trial(config: dict[str, Any]) -> None:
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False
+    check_traces(config["traces_path"])
     trainer = build_trainer(
         train_cfg,
         datasets={"train": ray.data.read_parquet(config["traces_path"])},
@@ -88,6 +152,7 @@ def run_trial(config: dict[str, Any]) -> None:
         "segments": trial["segments_label"],
         "seed": trial["seed"],
         "status": "ok",
+        **config.get("identity", {}),  # fingerprint and settings: what this result belongs to
         "accuracy": evaluation.accuracy,
         "stderr": evaluation.stderr,
         "kept_tokens": train_metrics.get("kept_tokens"),

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raykd.traces.stages import SEGMENT_FIELDS
-from raykd.traces.store import STATUSES, TraceStore, trace_schema, write_shard
+from raykd.traces.store import STATUSES, TraceStore, sort_topk, trace_schema, write_shard
 
 INTERNAL_COLUMNS = ("shard", "ready_at")
 
@@ -67,7 +67,7 @@ class ShardWriter:
         meta = shard_counts(table)
         self.generated_tokens += meta["generated_tokens"]
         kept = table if self.keep_all else table.filter(pc.equal(table.column("status"), "correct"))
-        kept = kept.select(schema.names).cast(schema)
+        kept = sort_topk(kept.select(schema.names).cast(schema))
         meta.update(kept_counts(kept))
         path = write_shard(self.store, shard, kept, meta)
         self.written.append(shard)
