@@ -16,6 +16,7 @@ from typing import Any
 
 from raykd.identity import plan_resume, run_identity
 from raykd.lock import FolderLocked, driver_lock
+from raykd.models import ModelError, ResolvedModel, forwarded_env, resolve_models
 from raykd.plan import TRIAL_DRIVER, Plan, Trial
 from raykd.report import References, write_results
 from raykd.spec import SweepSpec
@@ -46,6 +47,11 @@ class Models:
     student_dir: str
     teacher_accuracy: float | None = None
     student_accuracy: float | None = None
+    # Hub models: the resolved commit (None for a folder or the embedded pair), and how results name them.
+    teacher_revision: str | None = None
+    student_revision: str | None = None
+    teacher_label: str = "embedded"
+    student_label: str = "embedded"
 
 
 def _log(msg: str) -> None:
@@ -67,7 +73,10 @@ def start_ray(spec: SweepSpec, cache_dir: Path) -> None:
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(runtime_env={"env_vars": {k: os.environ[k] for k in env}})
+            # Hugging Face settings (cache, offline mode) travel with the job; a token never does (the job's
+            # runtime_env is shown on the dashboard): raykd.models says where it comes from instead.
+            env_vars = {k: os.environ[k] for k in env} | forwarded_env()
+            ray.init(runtime_env={"env_vars": env_vars})
         else:
             ray.init(
                 num_cpus=spec.resources.num_cpus,
@@ -84,9 +93,24 @@ def start_ray(spec: SweepSpec, cache_dir: Path) -> None:
         )
 
 
-def prepare_models(spec: SweepSpec, cache_dir: Path) -> Models:
+def prepare_models(
+    spec: SweepSpec, cache_dir: Path, resolved: dict[str, ResolvedModel] | None = None
+) -> Models:
+    """Local folders for the teacher, its tokenizer and the student base: hub ids resolved into the HF cache
+    (``resolved``: already done by the caller, raykd.models.resolve_models), the embedded pair built."""
     if spec.teacher.model != "embedded":
-        return Models(spec.teacher.model, spec.teacher.model, spec.student.model)
+        resolved = resolved or resolve_models(spec)
+        teacher, student = resolved["teacher"], resolved["student"]
+        _log(f"models: teacher {teacher.label}, student {student.label}")
+        return Models(
+            str(teacher.path),
+            str(teacher.path),
+            str(student.path),
+            teacher_revision=teacher.revision,
+            student_revision=student.revision,
+            teacher_label=teacher.label,
+            student_label=student.label,
+        )
     from raykd.embedded import bootstrap
 
     _log(f"embedded models for task '{spec.problems.task}' (built once, cached under {cache_dir})")
@@ -153,6 +177,8 @@ def trial_config(
         },
         "check": spec.problems.answer_check,
         "eval_problems_path": eval_path,
+        # Named in each trial's record and in results.csv: 'org/name@<commit>' for hub models.
+        "models": {"teacher": models.teacher_label, "student": models.student_label},
     }
 
 
@@ -202,6 +228,7 @@ def run_trials(spec: SweepSpec, plan: Plan, configs: list[dict[str, Any]]) -> No
                     "status": "failed",
                     "error": str(result.error).strip().splitlines()[-1][:300],
                     **cfg.get("identity", {}),
+                    **cfg.get("models", {}),
                 },
             )
 
@@ -237,11 +264,16 @@ def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
     cache_dir = Path(os.environ.get("RAYKD_CACHE") or Path(spec.output.dir) / "cache").expanduser().resolve()
     started = time.time()
     try:
+        resolved = resolve_models(spec)  # hub ids -> local snapshots, before any Ray work
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         start_ray(spec, cache_dir)
     except ClusterError as e:
         print(f"error: {e}")
         return 2
-    models = prepare_models(spec, cache_dir)
+    models = prepare_models(spec, cache_dir, resolved)
     train_problems, eval_problems = load_problems(spec)
     _log(f"{len(train_problems)} training problems, {len(eval_problems)} held-out problems")
 
@@ -276,6 +308,7 @@ def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
     records = [resume.finished(plan.output_dir, t) for t in plan.trials]
     done = [r for r in records if r is not None]
     refs = References(models.teacher_accuracy, models.student_accuracy)
+    refs.models = {"teacher": models.teacher_label, "student": models.student_label}
     table = write_results(done, out, refs)
     print("\n" + table + "\n")
     print(f"results: {out / 'results.md'}  {out / 'results.csv'}  {out / 'frontier.png'}")

@@ -91,11 +91,26 @@ class ProblemsSpec(_Section):
 class ModelSpec(_Section):
     model: str = Field(
         description="'embedded' for the locally built model of the built-in task, or a Hugging Face model "
-        "folder / hub name (e.g. Qwen/Qwen3-8B)."
+        "folder / hub id (e.g. Qwen/Qwen3-8B). A hub id is resolved once, on the driver, into the Hugging "
+        "Face cache (HF_HOME: on a cluster, shared storage) before anything starts."
+    )
+    revision: str | None = Field(
+        None,
+        min_length=1,
+        description="Hub ids only: the branch, tag or commit to use (default: the repository's main branch). "
+        "It is resolved to a commit, which keys the traces and is named in the results.",
     )
     trust_remote_code: bool = Field(
         False, description="Run the model repository's own Python code when loading. Off unless you trust it."
     )
+
+    @model_validator(mode="after")
+    def _revision_for_hub_ids(self) -> ModelSpec:
+        if self.revision is not None and self.model == "embedded":
+            raise ValueError(
+                f"revision {self.revision!r} applies to hub ids; the embedded model has none: drop revision"
+            )
+        return self
 
 
 class GenerationSpec(_Section):

@@ -27,7 +27,7 @@ import argparse
 import sys
 
 from raykd.plan import describe_plan, make_plan
-from raykd.spec import SpecError, field_help, load_spec
+from raykd.spec import SpecError, SweepSpec, field_help, load_spec
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -49,6 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_models(spec: SweepSpec) -> int:
+    """The dry run's model check: folders' files, hub ids in the cache or on the hub (nothing downloaded)."""
+    from raykd.models import ModelError, check_models, describe_models
+
+    try:
+        resolved = check_models(spec)
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if resolved:
+        print(describe_models(resolved))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -67,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(spec)
     print(describe_plan(spec, plan))
     if args.dry_run:
-        return EXIT_OK
+        return check_models(spec)
     from raykd.run import run_sweep  # heavy imports (ray) only when running for real
 
     return run_sweep(spec, plan)

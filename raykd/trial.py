@@ -153,6 +153,7 @@ def run_trial(config: dict[str, Any]) -> None:
         "seed": trial["seed"],
         "status": "ok",
         **config.get("identity", {}),  # fingerprint and settings: what this result belongs to
+        **config.get("models", {}),  # teacher / student as 'org/name@<commit>' (or folder, 'embedded')
         "accuracy": evaluation.accuracy,
         "stderr": evaluation.stderr,
         "kept_tokens": train_metrics.get("kept_tokens"),

@@ -22,6 +22,7 @@ from typing import Any
 
 from raykd.kd.batching import TRAIN_COLUMNS
 from raykd.kd.worker import KDConfig
+from raykd.models import HF_ENV
 
 # Metrics of the final ray.train.report (Result.metrics). Losses are token-weighted means over the last epoch
 # and all workers; counts and FLOPs are totals over the run (all epochs, all workers).
@@ -52,8 +53,9 @@ FINAL_METRICS = {
 }
 # Keys the launcher may add that the worker does not read.
 TRAINER_KEYS = ("max_failures", "keep_checkpoints")
-# Environment the workers need from the driver: DeepSpeed's JIT build cache and accelerator choice.
-WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")
+# Environment the workers need from the driver: DeepSpeed's JIT build cache and accelerator choice, and the
+# Hugging Face cache and offline settings (never a token: raykd.models says why).
+WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", *HF_ENV)
 
 
 def build_trainer(

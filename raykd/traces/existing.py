@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raykd.chat import end_of_turn
+from raykd.models import content_id
 from raykd.problems.tasks import Problem
 from raykd.traces import checks
 from raykd.traces.stages import IDS, list_column, load_tokenizer, segment_meta
@@ -48,8 +49,8 @@ def key_material(spec: Any, problems: list[Any], tokenizer_dir: str, teacher_dir
         "source": "traces",
         "traces": fingerprint_path(spec.problems.path),
         "problems": problems_digest(problems),
-        "teacher": fingerprint_path(teacher_dir) if Path(teacher_dir).exists() else teacher_dir,
-        "tokenizer": fingerprint_path(tokenizer_dir) if Path(tokenizer_dir).exists() else tokenizer_dir,
+        "teacher": content_id(teacher_dir),  # a hub snapshot by its commit, a folder by its content
+        "tokenizer": content_id(tokenizer_dir),
         "answer_check": spec.problems.answer_check,
         "generation": gen.model_dump(include={"max_tokens", "logprobs_k", "filter"}),
         "prompt_logprobs": any("prompt" in s for s in spec.sweep.segments),

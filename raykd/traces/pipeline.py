@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raykd.models import content_id
 from raykd.problems.tasks import Problem
 from raykd.traces import checks, existing
 from raykd.traces.engine import ENGINE_START_MESSAGE, EngineConfig, EngineStartError
@@ -27,7 +28,6 @@ from raykd.traces.store import (
     STATUSES,
     TraceStore,
     content_key,
-    fingerprint_path,
     open_store,
     problems_digest,
     summarize,
@@ -58,8 +58,9 @@ def key_material(spec: Any, problems: list[Any], tokenizer_dir: str, teacher_dir
     return {
         "source": "generate",
         "problems": problems_digest(problems),
-        "teacher": _fingerprint(teacher_dir),
-        "tokenizer": _fingerprint(tokenizer_dir),
+        # A hub snapshot by its commit, a folder by its content (raykd.models.content_id).
+        "teacher": content_id(teacher_dir),
+        "tokenizer": content_id(tokenizer_dir),
         "answer_check": spec.problems.answer_check,
         "generation": gen.model_dump(
             include={"samples_per_prompt", "temperature", "top_p", "max_tokens", "logprobs_k", "filter"}
@@ -342,7 +343,3 @@ def format_summary(summary: dict[str, Any]) -> str:
         + (f", {bpt:.0f} B/token" if bpt else "")
         + (f", {rate:.0f} tokens/s" if rate else "")
     )
-
-
-def _fingerprint(path: str) -> str:
-    return fingerprint_path(path) if Path(path).exists() else path
