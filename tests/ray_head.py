@@ -40,15 +40,16 @@ def reduced_tiny(
     train_size: int = 64,
     eval_size: int = 16,
     worker_resources: dict[str, float] | None = None,
+    output_dir: str | None = None,
     **sweep: object,
 ) -> Path:
     """sweeps/tiny.yaml made small (1 epoch, few problems, ``sweep`` axes overridden), written to tmp_path;
-    results go to tmp_path/runs/<name>."""
+    results go to tmp_path/runs/<name>, or to ``output_dir`` as written (a relative one stays relative)."""
     import yaml
 
     spec = yaml.safe_load((ROOT / "sweeps" / "tiny.yaml").read_text())
     spec["name"] = name
-    spec["output"]["dir"] = str(tmp_path / "runs")
+    spec["output"]["dir"] = output_dir or str(tmp_path / "runs")
     spec["problems"].update(train_size=train_size, eval_size=eval_size)
     spec["training"]["epochs"] = 1
     spec["sweep"].update(sweep)
@@ -60,16 +61,16 @@ def reduced_tiny(
 
 
 def run_sweep(
-    spec: Path, cache_dir: Path, env: dict[str, str] | None = None
+    spec: Path | str, cache_dir: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m raykd.sweep SPEC` in a subprocess, as a user types it (``env`` added: RAY_ADDRESS to join a
-    cluster); the embedded models come from the tests' shared cache."""
+    """`python -m raykd.sweep SPEC` in a subprocess from ``cwd``, as a user types it (``env`` added:
+    RAY_ADDRESS to join a cluster); the embedded models come from the tests' shared cache."""
     return subprocess.run(
         [sys.executable, "-m", "raykd.sweep", str(spec)],
         env=dict(os.environ, **(env or {}), RAYKD_CACHE=str(cache_dir)),
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=cwd,
         timeout=1800,
     )
 
