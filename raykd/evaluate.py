@@ -13,6 +13,7 @@ runs in this process and is shut down before returning.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ def evaluate_student(
     num_cpus: float = 1,
     resources: dict[str, float] | None = None,
     trust_remote_code: bool = False,
+    log_file: str | None = None,
 ) -> EvalResult:
     """Sample ``eval_spec.samples`` completions per problem (temperature, top_p, max_tokens from
     ``eval_spec``: raykd.spec.EvaluationSpec) and score them with ``check_kind`` ('exact' or 'math').
@@ -96,6 +98,7 @@ def evaluate_student(
         gpus=gpus,
         trust_remote_code=trust_remote_code,
         setting="evaluation",
+        log_file=log_file,  # the engine actor's vLLM output (raykd.logs); unused without Ray
     )
     n = eval_spec.samples
     requests = [(i, s) for i in range(len(problems)) for s in range(n)]
@@ -160,7 +163,7 @@ def run_engine(
     import ray
 
     if not ray.is_initialized():
-        engine = VllmEngine(config)
+        engine = VllmEngine(dataclasses.replace(config, log_file=None))  # this process's output stays
         try:
             return engine.generate(prompts, seeds, sampling)
         finally:

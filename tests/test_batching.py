@@ -221,3 +221,50 @@ def test_collate_pads_dynamically_and_indexes_supervised_positions():
 def test_dummy_batch_weighs_nothing():
     mb = batching.collate([], k=4)
     assert mb.weight == 0 and mb.n_targets == 0 and mb.forward_tokens == 0 and mb.input_ids.shape == (1, 1)
+
+
+# ------------------------------------------------------------------------------------------ token budget
+
+
+def test_token_budget_plan_trains_long_sequences_alone_and_bounds_the_rest():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 120, size=53)
+    lengths[[3, 17, 40]] = [300, 150, 501]  # longer than the budget
+    budget = 128
+    plan = batching.plan_epoch_tokens(
+        lengths, 8, micro_batch_size=4, micro_batch_tokens=budget, seed=2, epoch=0
+    )
+    assert len(plan) == batching.steps_per_epoch(53, 8, 1) == 7
+    # step_sequences per step (the last, in shuffled order somewhere, holds the 5 left)
+    assert sorted(sum(len(m) for m in micros) for micros in plan) == [5] + [8] * 6
+    flat = [i for micros in plan for m in micros for i in m]
+    assert sorted(flat) == list(range(53))  # every sequence once, whole (indices, never parts)
+    for micros in plan:
+        for m in micros:
+            assert 1 <= len(m) <= 4
+            if lengths[m].max() > budget:
+                assert len(m) == 1  # an oversized sequence trains alone
+            else:
+                assert len(m) * lengths[m].max() <= budget
+    stats = batching.plan_stats(plan, lengths, budget)
+    assert stats.oversized_sequences == 3 and 0 < stats.max_pass_tokens <= budget
+    assert plan == batching.plan_epoch_tokens(lengths, 8, 4, budget, seed=2, epoch=0)
+
+
+def test_split_by_tokens_packs_longest_first():
+    lengths = np.array([50, 10, 200, 30, 30, 40])
+    micros = batching.split_by_tokens(range(6), lengths, micro_batch_size=3, budget=100)
+    assert micros == [[2], [0, 5], [3, 4, 1]]  # 200 alone; 2 x 50; 3 x 30
+
+
+def test_collated_token_budget_passes_keep_every_token():
+    rows = synthetic_rows(12, vocab=64, k=K, cot_len=(5, 90), seed=4)
+    examples, _ = _prepare(rows, fraction=1.0)
+    lengths = batching.example_lengths(examples)
+    budget = int(np.median(lengths))
+    plan = batching.plan_epoch_tokens(lengths, 6, 6, budget, seed=0, epoch=0)
+    batches = [batching.collate([examples[i] for i in m], K) for micros in plan for m in micros]
+    assert sum(mb.forward_tokens for mb in batches) == int(lengths.sum())  # nothing cut
+    assert sum(mb.n_targets for mb in batches) == sum(len(e.target_ids) for e in examples)
+    for mb in batches:
+        assert mb.input_ids.size <= budget or len(mb.lengths) == 1

@@ -83,7 +83,7 @@ def test_student_loss_matches_full_logits_reference(prompt_logprobs: bool):
     assert out[7].tolist() == np.bincount(mb.segment, minlength=3).tolist()
 
 
-def _sgd_engine(model: torch.nn.Module, micro: int, accumulation: int) -> object:
+def _sgd_engine(model: torch.nn.Module, micro: int, accumulation: int, checkpointing: bool = False) -> object:
     """An engine whose step is p -= grad (SGD, lr 1, no clipping): its weight change is the gradient."""
     import deepspeed
 
@@ -98,7 +98,10 @@ def _sgd_engine(model: torch.nn.Module, micro: int, accumulation: int) -> object
         grad_clip=0.0,
     )
     del config["optimizer"]
-    module = step.KDStudent(copy.deepcopy(model), KDLossConfig())
+    model = copy.deepcopy(model)
+    if checkpointing:
+        step.enable_checkpointing(model)
+    module = step.KDStudent(model, KDLossConfig())
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0), config=config
     )
@@ -124,6 +127,53 @@ def test_gradient_weighs_every_token_of_the_step_equally(distributed: None):
         sums = step.train_step(engine, [batching.collate(m, K) for m in micros], CPU, shape)
         torch.testing.assert_close(base - _params(engine), want, rtol=1e-4, atol=1e-7)
         assert sums["tokens"] == sums["step_tokens"] == n
+
+
+def _reference_gradient(model: torch.nn.Module, examples: list[batching.Example]) -> torch.Tensor:
+    reference = step.KDStudent(copy.deepcopy(model), KDLossConfig())
+    n = sum(len(e.target_ids) for e in examples)
+    loss = sum(reference(**step.to_device(batching.collate([e], K), CPU))[0] for e in examples) / n
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in reference.parameters()])
+
+
+def test_a_step_applies_one_update_however_many_micro_batches_it_holds(distributed: None):
+    """Token-bounded steps hold varying numbers of micro-batches: still one update with the step's gradient,
+    whatever the engine's configured accumulation count, step after step."""
+    model = synthetic.tiny_llama(VOCAB, hidden=64, heads=2)
+    examples = _examples(fraction=0.5)
+    shape = step.ModelShape.of(model)
+    engine = _sgd_engine(model, 1, 2)  # configured for 2 micro-batches per step
+    before = _params(engine).clone()
+    first, second = examples[:3], examples[3:5]
+    step.train_step(engine, [batching.collate([e], K) for e in first], CPU, shape)  # 3 micro-batches
+    torch.testing.assert_close(
+        before - _params(engine), _reference_gradient(model, first), rtol=1e-4, atol=1e-7
+    )
+    moved = copy.deepcopy(engine.module.model)  # type: ignore[attr-defined]
+    mid = _params(engine).clone()
+    step.train_step(engine, [batching.collate(second, K)], CPU, shape)  # 1 micro-batch
+    torch.testing.assert_close(
+        mid - _params(engine), _reference_gradient(moved, second), rtol=1e-4, atol=1e-7
+    )
+
+
+def test_gradient_checkpointing_changes_no_loss_and_no_gradient(distributed: None):
+    model = synthetic.tiny_llama(VOCAB, hidden=64, heads=2, layers=3)
+    examples = _examples(fraction=1.0)[:4]
+    shape = step.ModelShape.of(model)
+    results = []
+    for checkpointing in (False, True):
+        engine = _sgd_engine(model, 2, 2, checkpointing=checkpointing)
+        assert engine.module.model.is_gradient_checkpointing == checkpointing  # type: ignore[attr-defined]
+        before = _params(engine).clone()
+        micros = [batching.collate(examples[:2], K), batching.collate(examples[2:], K)]
+        sums = step.train_step(engine, micros, CPU, shape)
+        results.append((sums["loss_sum"], before - _params(engine)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="gradient_checkpointing: false"):
+        step.enable_checkpointing(torch.nn.Linear(2, 2))
 
 
 def test_step_without_supervised_tokens_changes_nothing(distributed: None):

@@ -40,21 +40,25 @@ def model_folder(folder: Path, tokenizer_dir: Path, rows: int, seed: int = 0) ->
 
 
 def base_student(folder: Path, tokenizer_dir: Path, rows: int) -> Path:
-    """Like a base checkpoint: same vocabulary, EOS <|endoftext|> (not the template's <|im_end|>), no chat
-    template."""
+    return as_base(model_folder(folder, tokenizer_dir, rows))
+
+
+def as_base(folder: Path) -> Path:
+    """Turn a model folder into one like a base checkpoint: same vocabulary, EOS <|endoftext|> (not the
+    template's <|im_end|>) in its tokenizer, config and generation config, no chat template."""
     from transformers import AutoTokenizer
 
-    model_folder(folder, tokenizer_dir, rows)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
         (folder / name).unlink(missing_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.chat_template = None
     tokenizer.eos_token = "<|endoftext|>"
     tokenizer.save_pretrained(folder)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     for name in ("config.json", "generation_config.json"):
-        data = json.loads((folder / name).read_text())
-        (folder / name).write_text(json.dumps({**data, "eos_token_id": eos}))
+        path = folder / name
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**data, "eos_token_id": eos}))
     return folder
 
 

@@ -81,6 +81,13 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
     lr_at = _cosine(recipe)
     start, score, loss_value, step = time.perf_counter(), float("nan"), float("nan"), 0
+    if check is not None:
+        log(
+            "check = share of held-out check problems whose whole reference completion is the model's "
+            f"argmax under teacher forcing; training stops at {recipe.target:g} or step {recipe.max_steps}"
+            if recipe.target <= 1
+            else f"check = the same exact-match share, shown only: training runs all {recipe.max_steps} steps"
+        )
     model.train()
     for step in range(1, recipe.max_steps + 1):
         batch = collate(_next_batch(pool, order, recipe.batch_size, step), pad_id)
@@ -95,7 +102,8 @@ def train(
         if check is not None and (step % recipe.check_every == 0 or step == recipe.max_steps):
             score = check(model)
             model.train()
-            log(f"step {step}: loss {loss_value:.4f}, check {score:.3f}, {time.perf_counter() - start:.0f}s")
+            seconds = time.perf_counter() - start
+            log(f"step {step}/{recipe.max_steps}: loss {loss_value:.4f}, check {score:.3f}, {seconds:.0f}s")
             if score >= recipe.target:
                 break
     model.eval()

@@ -350,31 +350,96 @@ def sort_by_key(examples: list[Example]) -> list[Example]:
 def plan_epoch(
     lengths: Sequence[int] | np.ndarray, micro_batch_size: int, accumulation: int, seed: int, epoch: int
 ) -> list[list[list[int]]]:
-    """Length-grouped optimizer steps for one epoch of one worker.
+    """Length-grouped optimizer steps for one epoch of one worker, micro-batches of a fixed sequence count.
 
     lengths: (n,) forwarded tokens per example. Returns ceil(n / per_step) steps; each holds `accumulation`
     micro-batches, each a list of at most `micro_batch_size` example indices. Every example appears once; the
     last step may hold fewer sequences and empty micro-batches, which a worker runs as
     zero-weight dummies (as it does for the steps a shorter shard lacks), so all workers take as many steps.
     """
+    steps = _grouped_steps(lengths, micro_batch_size * accumulation, accumulation, seed, epoch)
+    out = []
+    for chunk in steps:
+        micros = [chunk[m : m + micro_batch_size] for m in range(0, len(chunk), micro_batch_size)]
+        out.append(micros + [[] for _ in range(accumulation - len(micros))])
+    return out
+
+
+def plan_epoch_tokens(
+    lengths: Sequence[int] | np.ndarray,
+    step_sequences: int,
+    micro_batch_size: int,
+    micro_batch_tokens: int,
+    seed: int,
+    epoch: int,
+) -> list[list[list[int]]]:
+    """Length-grouped optimizer steps whose micro-batches are bounded by a token budget.
+
+    Each step holds `step_sequences` examples (the last one fewer), split by `split_by_tokens`, so steps hold
+    different numbers of micro-batches; the worker pads every step to the most any worker needs for it.
+    """
+    nominal = -(-step_sequences // micro_batch_size)
+    lengths = np.asarray(lengths, np.int64)
+    steps = _grouped_steps(lengths, step_sequences, nominal, seed, epoch)
+    return [split_by_tokens(chunk, lengths, micro_batch_size, micro_batch_tokens) for chunk in steps]
+
+
+def _grouped_steps(
+    lengths: Sequence[int] | np.ndarray, per_step: int, micros_per_step: int, seed: int, epoch: int
+) -> list[list[int]]:
+    """A seeded shuffle, then steps of `per_step` indices sorted by length (longest first) inside
+    mega-batches of about MEGABATCH_MICROS micro-batches, then the steps shuffled."""
     lengths = np.asarray(lengths, np.int64)
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
-    per_step = micro_batch_size * accumulation
-    mega = per_step * max(1, MEGABATCH_MICROS // accumulation)
-    steps: list[list[list[int]]] = []
+    mega = per_step * max(1, MEGABATCH_MICROS // micros_per_step)
+    steps: list[list[int]] = []
     for lo in range(0, len(order), mega):
         chunk = order[lo : lo + mega]
         chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
-        for s in range(0, len(chunk), per_step):
-            step = chunk[s : s + per_step].tolist()
-            micros = [step[m : m + micro_batch_size] for m in range(0, len(step), micro_batch_size)]
-            steps.append(micros + [[] for _ in range(accumulation - len(micros))])
+        steps.extend(chunk[s : s + per_step].tolist() for s in range(0, len(chunk), per_step))
     return [steps[i] for i in rng.permutation(len(steps))]
 
 
+def split_by_tokens(
+    indices: Sequence[int], lengths: np.ndarray, micro_batch_size: int, budget: int
+) -> list[list[int]]:
+    """Consecutive micro-batches of `indices` (longest first) with at most `micro_batch_size` sequences and
+    rows x longest row <= `budget` padded tokens. A sequence longer than the budget is never cut: it forms a
+    micro-batch of its own."""
+    micros: list[list[int]] = []
+    current: list[int] = []
+    for i in sorted(indices, key=lambda j: -int(lengths[j])):
+        width = int(lengths[current[0]]) if current else 0
+        if current and (len(current) == micro_batch_size or (len(current) + 1) * width > budget):
+            micros.append(current)
+            current = []
+        current.append(i)
+    return [*micros, current] if current else micros
+
+
 def steps_per_epoch(n_examples: int, micro_batch_size: int, accumulation: int) -> int:
+    """Steps of a fixed-count plan; a token-budget plan of s sequences per step: steps_per_epoch(n, s, 1)."""
     return -(-n_examples // (micro_batch_size * accumulation))
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    """What a plan does with a token budget: sequences over it (each alone) and the largest other pass."""
+
+    oversized_sequences: int = 0  # sequences longer than the budget, each trained in a pass of its own
+    max_pass_tokens: int = 0  # most padded tokens (rows x longest row) of a pass without such a sequence
+
+
+def plan_stats(plan: list[list[list[int]]], lengths: np.ndarray, budget: int | None) -> PlanStats:
+    lengths = np.asarray(lengths, np.int64)
+    over = 0 if budget is None else int(np.count_nonzero(lengths > budget))
+    widest = 0
+    for micros in plan:
+        for m in micros:
+            if m and (budget is None or int(lengths[m].max()) <= budget):
+                widest = max(widest, len(m) * int(lengths[m].max()))
+    return PlanStats(over, widest)
 
 
 # ------------------------------------------------------------------------------------------ collation

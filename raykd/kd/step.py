@@ -213,7 +213,7 @@ def shared_vocabulary(student_weight: Tensor, teacher_weight: Tensor) -> tuple[T
 def check_vocab(student: nn.Module, max_topk_id: int | None = None) -> None:
     """A clear error, before any step, when the cached teacher ids cannot index the student's vocabulary
     (the traces' own ids; the tokenizers themselves were compared on the driver)."""
-    vocab = student.get_output_embeddings().weight.shape[0]
+    vocab = _rows(student.get_output_embeddings().weight)
     if max_topk_id is not None and max_topk_id >= vocab:
         raise ValueError(
             f"cached teacher top-k holds token id {max_topk_id}, outside the student's vocabulary ({vocab}); "
@@ -234,9 +234,16 @@ def ds_config(
     weight_decay: float,
     bf16: bool,
     grad_clip: float = 1.0,
+    token_budget: bool = False,
 ) -> dict[str, Any]:
-    """DeepSpeed config: global batch = micro x accumulation x workers, AdamW, ZeRO stage, bf16 on GPU."""
-    per_pass = micro_batch_size * world_size
+    """DeepSpeed config: global batch = micro x accumulation x workers, AdamW, ZeRO stage, bf16 on GPU.
+
+    `train_step` marks each step's last micro-batch as the accumulation boundary itself, so the batch
+    figures here are DeepSpeed's bookkeeping only. With a token budget (`token_budget`) micro-batches hold
+    varying numbers of sequences: the config then counts one sequence per micro-batch.
+    """
+    micro = 1 if token_budget else micro_batch_size
+    per_pass = micro * world_size
     if batch_size % per_pass:
         raise ValueError(
             f"training.batch_size {batch_size} is not a multiple of micro_batch_size x workers = {per_pass}; "
@@ -247,7 +254,7 @@ def ds_config(
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
         "train_batch_size": batch_size,
-        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": batch_size // per_pass,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
@@ -262,10 +269,48 @@ def ds_config(
     }
 
 
-def build_engine(model: nn.Module, loss: KDLossConfig, config: dict[str, Any]) -> Any:
+def load_student(
+    folder: str, dtype: torch.dtype, config: dict[str, Any], trust_remote_code: bool = False
+) -> nn.Module:
+    """The student from a Hugging Face folder, in `dtype` from the start (bf16 on GPU: no fp32 copy first).
+
+    Under ZeRO-3 the weights are partitioned while they load (transformers runs `deepspeed.zero.Init` when a
+    `HfDeepSpeedConfig` of stage 3 is alive): no rank ever holds the whole model. transformers keeps only a
+    weak reference to that object, so the zero.Init context ends with this function, before any other model
+    (an online teacher) loads. `config` is the `ds_config` the engine will be built with.
+    """
+    from transformers import AutoModelForCausalLM
+
+    load = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if config["zero_optimization"]["stage"] != 3:
+        return AutoModelForCausalLM.from_pretrained(folder, **load)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    zero3 = HfDeepSpeedConfig(config)  # noqa: F841  (alive during from_pretrained, weakly referenced)
+    return AutoModelForCausalLM.from_pretrained(folder, **load)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Gradient checkpointing of every decoder layer: each layer's activations are recomputed in the backward
+    pass, so a step holds one layer's activations (plus every layer's input) instead of all of them."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"{type(model).__name__} does not support gradient checkpointing; set "
+            "training.gradient_checkpointing: false"
+        )
+    # Non-reentrant checkpointing: works with inputs that need no grad (token ids) and with ZeRO-3's hooks.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def build_engine(
+    model: nn.Module, loss: KDLossConfig, config: dict[str, Any], checkpointing: bool = False
+) -> Any:
     """A DeepSpeed engine over KDStudent(model); distributed must already be initialised."""
     import deepspeed
 
+    if checkpointing:
+        enable_checkpointing(model)
+    model.train()  # from_pretrained returns eval mode; checkpointing (and dropout) act only in train mode
     module = KDStudent(model, loss)
     if config["zero_optimization"]["stage"] == 3:
         module.register_zero3()
@@ -286,6 +331,10 @@ def init_single_process(backend: str = "gloo", port: int = 29510) -> None:
         "WORLD_SIZE": "1",
     }.items():
         os.environ.setdefault(key, value)
+    if backend == "gloo":
+        from raykd._compat import skip_deepspeed_shm_comm
+
+        skip_deepspeed_shm_comm()
     deepspeed.init_distributed(dist_backend=backend)
 
 
@@ -311,7 +360,7 @@ class ModelShape:
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         return cls(
             total - outside,
-            head.shape[0],
+            _rows(head),
             c.hidden_size,
             c.num_hidden_layers,
             c.num_attention_heads * head_dim,
@@ -332,6 +381,10 @@ class ModelShape:
             + self.vocab * self.hidden * supervised_tokens
             + self.layers * self.attn_dim * sq_len_sum
         )
+
+
+def _rows(p: Tensor) -> int:
+    return int(getattr(p, "ds_shape", p.shape)[0])  # ZeRO-3 partitions keep the full shape in ds_shape
 
 
 def _numel(p: Tensor) -> int:
@@ -370,16 +423,15 @@ def train_step(
     teacher_shape: ModelShape | None = None,
     all_reduce: Callable[[Tensor], Tensor] = _all_reduce_sum,
 ) -> dict[str, float]:
-    """One optimizer step over this worker's micro-batches (exactly the engine's accumulation steps).
+    """One optimizer step over this worker's micro-batches, however many (the last one is the boundary).
 
-    Every worker must call it with as many micro-batches (dummies for missing data). Returns this worker's
-    sums (SUM_KEYS) plus 'step_tokens', the step's supervised tokens over all workers. A step with no
-    supervised token on any worker runs nothing and leaves the weights and optimizer state as they were.
+    Every worker must call it with as many micro-batches (dummies for missing data): gradient reductions
+    are collectives. Returns this worker's sums (SUM_KEYS) plus 'step_tokens', the step's supervised tokens
+    over all workers. A step with no supervised token on any worker runs nothing and leaves the weights and
+    optimizer state as they were.
     """
-    if len(micro_batches) != engine.gradient_accumulation_steps():
-        raise ValueError(
-            f"{len(micro_batches)} micro-batches for {engine.gradient_accumulation_steps()} steps"
-        )
+    if not micro_batches:
+        raise ValueError("a step needs at least one micro-batch (a dummy where this worker has no data)")
     local = torch.tensor([float(mb.n_targets) for mb in micro_batches]).sum().reshape(1)
     total = float(all_reduce(local.to(device))[0])
     sums = dict.fromkeys(SUM_KEYS, 0.0)
@@ -387,7 +439,10 @@ def train_step(
     if total == 0:
         return sums
     world = engine.dp_world_size if hasattr(engine, "dp_world_size") else 1
-    for mb in micro_batches:
+    for i, mb in enumerate(micro_batches):
+        # The step's micro-batch count varies with a token budget: the engine's fixed accumulation count
+        # must not decide where the optimizer steps.
+        engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
         batch = to_device(mb, device)
         if teacher is not None:
             batch["teacher_hidden"] = teacher.hidden(batch["input_ids"], batch["flat_pos"])
@@ -528,8 +583,9 @@ __all__ = [
     "check_vocab",
     "decoder",
     "ds_config",
+    "enable_checkpointing",
     "init_single_process",
     "lm_head_weight",
-    "shared_vocabulary",
+    "load_student",
     "train_step",
 ]

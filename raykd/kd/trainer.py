@@ -46,13 +46,19 @@ FINAL_METRICS = {
     "step / epochs": "optimizer steps taken / epochs asked for",
     "traces / traces_trained / traces_unsupervised / traces_budget_dropped": "traces read; trained on; left "
     "without a supervised token after truncation and masking; left out by the budget_matched control",
-    "dummy_micro_batches / skipped_steps": "zero-weight micro-batches run by short shards; steps with no "
-    "supervised token on any worker (not applied)",
+    "dummy_micro_batches / skipped_steps": "zero-weight micro-batches run by short shards (and, with "
+    "micro_batch_tokens, by workers needing fewer passes in a step); steps with no supervised token on any "
+    "worker (not applied)",
+    "oversized_sequences": "sequences longer than micro_batch_tokens, each trained whole in a pass of its "
+    "own every epoch (0 without a budget)",
+    "max_pass_tokens": "most padded tokens (rows x longest row) of a forward pass holding no oversized "
+    "sequence: at most micro_batch_tokens",
+    "gradient_checkpointing": "1 when decoder activations were recomputed in the backward pass, else 0",
     "resumed_from_step": "the checkpoint step the last attempt started from, -1 for none",
     "student_dir": "the trained student, a Hugging Face folder (float32 on CPU, bf16 on GPU safetensors)",
 }
 # Keys the launcher may add that the worker does not read.
-TRAINER_KEYS = ("max_failures", "keep_checkpoints")
+TRAINER_KEYS = ("max_failures", "keep_checkpoints", "keep_optimizer_state")
 # Environment the workers need from the driver: DeepSpeed's JIT build cache and accelerator choice, and the
 # Hugging Face cache and offline settings (never a token: raykd.models says why).
 WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", *HF_ENV)
@@ -141,8 +147,12 @@ def check_config(cfg: KDConfig) -> None:
     from raykd.traces import checks
 
     problems = []
-    per_pass = cfg.micro_batch_size * cfg.workers_per_trial
-    if cfg.batch_size % per_pass:
+    if cfg.micro_batch_tokens is not None:  # token-bounded passes: each worker takes batch_size / workers
+        if cfg.batch_size % cfg.workers_per_trial:
+            workers = cfg.workers_per_trial
+            problems.append(f"batch_size {cfg.batch_size} is not a multiple of workers {workers}")
+    elif cfg.batch_size % (cfg.micro_batch_size * cfg.workers_per_trial):
+        per_pass = cfg.micro_batch_size * cfg.workers_per_trial
         problems.append(
             f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size x workers = {per_pass}"
         )
@@ -176,4 +186,3 @@ def check_config(cfg: KDConfig) -> None:
             problems.append(str(e))
     if problems:
         raise ValueError("cannot train this trial:\n" + "\n".join(f"  - {p}" for p in problems))
-

@@ -56,6 +56,8 @@ class KDConfig:
     weight_decay: float = 0.0
     batch_size: int = 32
     micro_batch_size: int = 4
+    micro_batch_tokens: int | None = None  # token budget of a forward pass (None: micro_batch_size only)
+    gradient_checkpointing: bool | str = "auto"  # 'auto': on when training on GPUs
     zero_stage: int = 2
     random_label_mask: float = 0.0
     checkpoint_every: int = 100
@@ -102,6 +104,18 @@ class KDConfig:
     @property
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0
+
+    @property
+    def checkpointing(self) -> bool:
+        """Gradient checkpointing as run: 'auto' means on GPUs (activations dominate there), off on CPU."""
+        if self.gradient_checkpointing == "auto":
+            return self.use_gpu
+        return bool(self.gradient_checkpointing)
+
+    @property
+    def step_sequences(self) -> int:
+        """Sequences each worker takes per optimizer step (batch_size is summed over workers)."""
+        return self.batch_size // self.workers_per_trial
 
 
 # ------------------------------------------------------------------------------------------ totals
@@ -234,6 +248,10 @@ class _Run:
         self.device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if not cfg.use_gpu:
+            from raykd._compat import skip_deepspeed_shm_comm
+
+            skip_deepspeed_shm_comm()
         deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
         torch.manual_seed(cfg.seed)
         self.totals = Totals()
@@ -260,9 +278,9 @@ class _Run:
         self.k = int(all_reduce([self.k], "max")[0])
         if self.k == 0 and self.cfg.teacher_signal == "cached_topk":
             raise ValueError("the traces hold no cached top-k logprobs (k = 0); use teacher_signal: online")
-        self.accumulation = self.cfg.batch_size // (self.cfg.micro_batch_size * self.world)
-        local = batching.steps_per_epoch(len(self.examples), self.cfg.micro_batch_size, self.accumulation)
+        local = batching.steps_per_epoch(len(self.examples), self.cfg.step_sequences, 1)
         self.steps_per_epoch = int(all_reduce([local], "max")[0])
+        self.plan_stats = batching.PlanStats()
         self._build_models()
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -276,14 +294,26 @@ class _Run:
         from raykd.kd.losses import KDLossConfig
 
         load = dict(trust_remote_code=self.cfg.trust_remote_code)
-        student = AutoModelForCausalLM.from_pretrained(self.cfg.student_dir, dtype=torch.float32, **load)
+        # bf16 on GPU from the first byte: DeepSpeed's optimizer keeps the fp32 master copy (partitioned).
+        dtype = torch.bfloat16 if self.cfg.use_gpu else torch.float32
+        ds = step.ds_config(
+            batch_size=self.cfg.batch_size,
+            micro_batch_size=self.cfg.micro_batch_size,
+            world_size=self.world,
+            zero_stage=self.cfg.zero_stage,
+            lr=self.cfg.lr,
+            weight_decay=self.cfg.weight_decay,
+            bf16=self.cfg.use_gpu,
+            grad_clip=self.cfg.grad_clip,
+            token_budget=self.cfg.micro_batch_tokens is not None,
+        )
         self.teacher = self.teacher_shape = None
         teacher_model = None
-        if self.cfg.teacher_signal == "online":
-            dtype = torch.bfloat16 if self.cfg.use_gpu else torch.float32
+        if self.cfg.teacher_signal == "online":  # loaded first, whole: outside the student's ZeRO-3 init
             teacher_model = AutoModelForCausalLM.from_pretrained(self.cfg.teacher_dir, dtype=dtype, **load)
             self.teacher = step.OnlineTeacher(teacher_model.to(self.device))
             self.teacher_shape = step.ModelShape.of(teacher_model)
+        student = step.load_student(self.cfg.student_dir, dtype, ds, self.cfg.trust_remote_code)
         max_id = max((int(e.topk_ids.max()) for e in self.examples if e.topk_ids.size), default=-1)
         max_id = int(all_reduce([max_id], "max")[0])
         step.check_vocab(student, max_id if self.cfg.teacher_signal == "cached_topk" else None)
@@ -297,17 +327,7 @@ class _Run:
             skew_alpha=self.cfg.skew_alpha,
             chunk_size=self.cfg.loss_chunk_size,
         )
-        ds = step.ds_config(
-            batch_size=self.cfg.batch_size,
-            micro_batch_size=self.cfg.micro_batch_size,
-            world_size=self.world,
-            zero_stage=self.cfg.zero_stage,
-            lr=self.cfg.lr,
-            weight_decay=self.cfg.weight_decay,
-            bf16=self.cfg.use_gpu,
-            grad_clip=self.cfg.grad_clip,
-        )
-        self.engine = step.build_engine(student.to(self.device), loss, ds)
+        self.engine = step.build_engine(student.to(self.device), loss, ds, self.cfg.checkpointing)
 
     def _restore(self, checkpoint: Any) -> None:
         with checkpoint.as_directory() as folder:
@@ -347,21 +367,34 @@ class _Run:
             for i in range(first, self.steps_per_epoch):
                 if self.global_step >= total_steps:
                     return
-                self._one_step(plan[i] if i < len(plan) else None)
+                self._one_step(plan[i])
                 self._after_step(epoch, i + 1, total_steps)
 
     def _plan(self, epoch: int) -> list[list[list[int]]]:
+        """This worker's steps of the epoch, every step padded with empty (dummy) micro-batches to the most
+        micro-batches any worker runs in it, and to the longest shard's step count."""
         from raykd.kd import batching
 
-        lengths = batching.example_lengths(self.examples)
-        return batching.plan_epoch(
-            lengths, self.cfg.micro_batch_size, self.accumulation, self.cfg.seed, epoch
+        cfg, lengths = self.cfg, batching.example_lengths(self.examples)
+        if cfg.micro_batch_tokens is None:
+            accumulation = cfg.step_sequences // cfg.micro_batch_size
+            plan = batching.plan_epoch(lengths, cfg.micro_batch_size, accumulation, cfg.seed, epoch)
+        else:
+            plan = batching.plan_epoch_tokens(
+                lengths, cfg.step_sequences, cfg.micro_batch_size, cfg.micro_batch_tokens, cfg.seed, epoch
+            )
+        stats = batching.plan_stats(plan, lengths, cfg.micro_batch_tokens)
+        self.plan_stats = batching.PlanStats(
+            stats.oversized_sequences, max(stats.max_pass_tokens, self.plan_stats.max_pass_tokens)
         )
+        plan = plan + [[] for _ in range(self.steps_per_epoch - len(plan))]
+        counts = all_reduce([max(len(micros), 1) for micros in plan], "max")
+        pad = [int(c) - len(micros) for micros, c in zip(plan, counts, strict=True)]
+        return [micros + [[] for _ in range(n)] for micros, n in zip(plan, pad, strict=True)]
 
-    def _one_step(self, planned: list[list[int]] | None) -> None:
+    def _one_step(self, micros: list[list[int]]) -> None:
         from raykd.kd import batching, step
 
-        micros = planned if planned is not None else [[] for _ in range(self.accumulation)]
         started = time.perf_counter()
         batches = [batching.collate([self.examples[i] for i in m], self.k, self.pad_id) for m in micros]
         sums = step.train_step(
@@ -527,6 +560,9 @@ class _Run:
             "setup_s": self.setup_s,
             "save_s": self.save_s,
             "dummy_micro_batches": run.get("dummy_micro_batches", 0.0),
+            "oversized_sequences": all_reduce([self.plan_stats.oversized_sequences])[0],
+            "max_pass_tokens": all_reduce([self.plan_stats.max_pass_tokens], "max")[0],
+            "gradient_checkpointing": int(self.cfg.checkpointing),
             "skipped_steps": all_reduce([self.totals.skipped_steps], "max")[0],
             "traces": prep["sequences"],
             "traces_trained": prep["kept_sequences"],

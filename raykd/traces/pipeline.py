@@ -14,6 +14,7 @@ tokenizer and generation settings reads the finished set without starting an eng
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -184,6 +185,9 @@ def run_engines(
     from raykd.traces.stages import check_and_segment
 
     gen = spec.generation
+    # Each engine's start-up output goes to the trace folder's log (raykd.logs), not the console.
+    engine = dataclasses.replace(stage_kwargs["engine"], log_file=str(store.root / "engine.log"))
+    stage_kwargs = {**stage_kwargs, "engine": engine}
     ds = ds.map_batches(
         stage,
         batch_format="pyarrow",
@@ -238,6 +242,11 @@ def engine_config(spec: Any, teacher_dir: str, tokenizer_dir: str, max_model_len
         gpus=gen.gpus_per_engine,
         tensor_parallel=gen.tensor_parallel,
         trust_remote_code=spec.teacher.trust_remote_code,
+        gpu_memory_utilization=gen.gpu_memory_utilization,
+        max_num_batched_tokens=gen.max_num_batched_tokens,
+        max_num_seqs=gen.max_num_seqs,
+        dtype=gen.dtype,
+        enforce_eager=gen.enforce_eager,
     )
 
 
