@@ -72,8 +72,8 @@ def teacher_logprobs(tok: Any, model: Any, max_new: int, seed: int) -> list[tupl
     batch = tok(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model.generate(
-            **batch, do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=max_new,
-            output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+            **batch, do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=max_new, output_logits=True,
+            return_dict_in_generate=True, pad_token_id=tok.pad_token_id or tok.eos_token_id,
         )  # fmt: skip
     logits = torch.stack(out.logits, 1)  # (batch, new tokens, vocab): raw, before sampling processors
     generated = out.sequences[:, batch.input_ids.shape[1] :]
@@ -97,14 +97,15 @@ def trace_rows(traces: list[tuple[list[int], list[int], Any]], k: int) -> tuple[
         rows.append(
             {
                 "problem_id": f"p{i}", "sample_index": 0, "prompt": PROBLEMS[i], "reference": "",
-                "prompt_ids": prompt, "completion_ids": completion, "completion_text": "", "finish_reason": "stop",
-                "k": k, "topk_ids": ids.numpy().astype(np.int32).reshape(-1).tolist(),
+                "prompt_ids": prompt, "completion_ids": completion, "completion_text": "",
+                "finish_reason": "stop", "k": k,
+                "topk_ids": ids.numpy().astype(np.int32).reshape(-1).tolist(),
                 "topk_logprobs": top32.reshape(-1).tolist(),
                 "sampled_logprobs": logprobs[np.arange(n), completion].float().numpy().tolist(),
                 "tail_mass": (1 - top.exp().sum(-1)).clamp(min=0).float().numpy().tolist(),
-                "prompt_topk_ids": [], "prompt_topk_logprobs": [], "prompt_tail_mass": [], "status": "correct",
-                "pred": "", "segments": [0] * len(prompt) + [1] * n, "close_start": -1, "answer_start": -1,
-                "seg_flags": 0, "shard": 0,
+                "prompt_topk_ids": [], "prompt_topk_logprobs": [], "prompt_tail_mass": [],
+                "status": "correct", "pred": "", "segments": [0] * len(prompt) + [1] * n,
+                "close_start": -1, "answer_start": -1, "seg_flags": 0, "shard": 0,
             }
         )  # fmt: skip
     schema = trace_schema(SEGMENT_FIELDS).append(pa.field("shard", pa.int64()))
