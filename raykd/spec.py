@@ -492,7 +492,9 @@ def resolve_paths(spec: SweepSpec, cwd: Path | None = None) -> SweepSpec:
     would name a different place. So nothing relative leaves the driver.
     """
     cwd = cwd or Path.cwd()
-    update: dict[str, Any] = {"output": spec.output.model_copy(update={"dir": _absolute(spec.output.dir, cwd)})}
+    update: dict[str, Any] = {
+        "output": spec.output.model_copy(update={"dir": _absolute(spec.output.dir, cwd)})
+    }
     if spec.problems.path is not None:
         update["problems"] = spec.problems.model_copy(update={"path": _absolute(spec.problems.path, cwd)})
     for role in ("teacher", "student"):

@@ -392,3 +392,33 @@ def test_an_empty_shard_runs_dummies_and_never_nans(ray_local, run_root: Path):
     assert m["step"] == 1 and m["dummy_micro_batches"] == 1  # the empty worker's one micro-batch
     assert np.isfinite(m["loss"]) and m["supervised_tokens"] > 0 and m["tokens_answer"] > 0
     assert json.loads((Path(result.checkpoint.path) / "state.json").read_text())["done"]
+
+
+@pytest.mark.slow
+def test_token_budget_trains_long_traces_whole_and_alone(ray_local, run_root: Path):
+    """micro_batch_tokens below some traces' length: they train whole, each in a pass of its own, and are
+    counted; every other pass stays within the budget. Two workers, gradient checkpointing forced on."""
+    rows = synthetic.synthetic_rows(12, vocab=96, k=K, seed=7, cot_len=(10, 200))
+    traces = synthetic.write_traces(rows, run_root / "traces_budget", files=2)
+    budget = 120
+    examples, _ = batching.prepare_examples(rows, TrialData(1.0))
+    lengths = batching.example_lengths(examples)
+    assert 0 < int((lengths > budget).sum()) < len(lengths)
+    result = _fit(
+        ray_local,
+        run_root,
+        "budget",
+        traces=traces,
+        fraction=1.0,
+        segments=["prompt", "cot", "answer"],
+        epochs=1,
+        batch_size=6,
+        micro_batch_size=3,
+        micro_batch_tokens=budget,
+        gradient_checkpointing=True,
+    )
+    m = result.metrics
+    assert m["oversized_sequences"] == int((lengths > budget).sum())
+    assert m["sequences"] == 12 and m["forward_tokens"] == int(lengths.sum())  # every token, none cut
+    assert 0 < m["max_pass_tokens"] <= budget  # what sets the activation peak of the other passes
+    assert m["gradient_checkpointing"] == 1 and np.isfinite(m["loss"]) and m["step"] == 2
