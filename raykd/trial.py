@@ -176,6 +176,10 @@ def run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> Non
         **config.get("models", {}),  # teacher / student as 'org/name@<commit>' (or folder, 'embedded')
         "accuracy": evaluation.accuracy,
         "stderr": evaluation.stderr,
+        # statuses of the eval samples ('truncated': ran to max_tokens) and how many ended their turn as the
+        # chat template does: a student that never learned to stop shows here
+        "eval_counts": evaluation.counts,
+        "eval_end_of_turn": evaluation.end_of_turn,
         "kept_tokens": train_metrics.get("kept_tokens"),
         "supervised_tokens": train_metrics.get("supervised_tokens"),
         "flops": train_metrics.get("flops"),
