@@ -1,16 +1,21 @@
-"""Results of a sweep: one row per trial, retained accuracy against the full-sequence run, savings, a plot.
+"""Results of a sweep: one row per trial, retained accuracy against the full-sequence run, savings, a plot,
+and the mean over seeds of every (fraction, segments) point with its spread.
 
-Pure Python (csv, matplotlib on demand): reads the per-trial result records the sweep wrote, writes
-results.csv, results.md and frontier.png.
+Pure Python (csv, json, matplotlib on demand): reads the per-trial result records the sweep wrote, writes
+results.csv (one row per trial), results.md (the tables a person reads), results.json (trials, aggregates,
+references and models, for scripts) and frontier.png.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from raykd.files import write_json_atomic
 
 COLUMNS = [
     "trial_id",
@@ -78,6 +83,113 @@ def complete_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+AGGREGATE_COLUMNS = [
+    "fraction",
+    "segments",
+    "n_seeds",
+    "seeds",
+    "accuracy_mean",
+    "accuracy_std",
+    "accuracy_sem",
+    "retained_pct",
+    "retained_pct_err",
+    "kept_tokens",
+    "flops",
+    "train_s",
+    "tokens_saved_pct",
+    "flops_saved_pct",
+    "time_saved_pct",
+    "n_failed",
+]
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
+
+
+def _seed_stats(trials: list[dict[str, Any]]) -> tuple[float, float | None, float]:
+    """(mean, std across seeds, standard error of the mean) of the trials' accuracies.
+
+    With one seed there is no spread across seeds; the standard error is then the trial's own (across
+    problems), the only uncertainty known.
+    """
+    accs = [t["accuracy"] for t in trials]
+    mean = statistics.fmean(accs)
+    if len(accs) == 1:
+        return mean, None, trials[0].get("stderr") or 0.0
+    std = statistics.stdev(accs)
+    return mean, std, std / math.sqrt(len(accs))
+
+
+def retained(mean: float, sem: float, full_mean: float, full_sem: float) -> tuple[float, float] | None:
+    """Retained % R = 100·m/m₁ of the full-sequence mean m₁, and its standard error.
+
+    First-order propagation (the delta method) of the two standard errors u (of m) and u₁ (of m₁), taken
+    as independent:
+
+        u_R = 100 · sqrt( u² / m₁²  +  m² · u₁² / m₁⁴ )      ( = R · sqrt((u/m)² + (u₁/m₁)²) when m > 0 )
+
+    The first form stays finite when m = 0. The trials of both points share the eval problems and seeds;
+    a positive correlation between m and m₁ would shrink the true error, so treating them as independent
+    errs on the wide side. None when m₁ = 0 (no ratio).
+    """
+    if not full_mean:
+        return None
+    value = 100.0 * mean / full_mean
+    error = 100.0 * math.sqrt(sem**2 / full_mean**2 + mean**2 * full_sem**2 / full_mean**4)
+    return value, error
+
+
+def aggregate_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (fraction, segments): accuracy mean, std across seeds (sample std, n - 1), standard error
+    of the mean (std / √n), retained % of the f = 1.0 aggregate of the same segments with its error
+    (`retained`), and the means of tokens, FLOPs and training time with their savings against that
+    aggregate. Only trials whose status is 'ok' count; n_failed counts the others.
+
+    The eval problems are the same for every seed, so the spread is over training seeds and sampling,
+    not over a fresh draw of problems.
+    """
+    groups: dict[tuple[float, str], list[dict[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault((rec["fraction"], rec["segments"]), []).append(rec)
+    stats = {}
+    for key, group in groups.items():
+        ok = [r for r in group if r.get("status") == "ok" and r.get("accuracy") is not None]
+        stats[key] = (ok, len(group) - len(ok), _seed_stats(ok) if ok else None)
+    full = {seg: stats[(f, seg)] for f, seg in stats if math.isclose(f, 1.0) and stats[(f, seg)][2]}
+    return [_aggregate(key, *stats[key], full.get(key[1])) for key in sorted(groups, key=lambda k: k[::-1])]
+
+
+def _aggregate(
+    key: tuple[float, str],
+    ok: list[dict[str, Any]],
+    n_failed: int,
+    seed_stats: tuple[float, float | None, float] | None,
+    full: tuple[list[dict[str, Any]], int, tuple[float, float | None, float]] | None,
+) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(AGGREGATE_COLUMNS)
+    row |= {"fraction": key[0], "segments": key[1], "n_seeds": len(ok), "n_failed": n_failed}
+    row["seeds"] = sorted(r["seed"] for r in ok)
+    if seed_stats is None:
+        return row
+    mean, std, sem = seed_stats
+    row |= {"accuracy_mean": mean, "accuracy_std": std, "accuracy_sem": sem}
+    for col in ("kept_tokens", "flops", "train_s"):
+        row[col] = _mean([r.get(col) for r in ok])
+    if full is None:
+        return row
+    full_ok, _, (full_mean, _, full_sem) = full
+    if math.isclose(key[0], 1.0):  # the reference itself: 100 % by definition, no uncertainty
+        ratio = (100.0, 0.0) if full_mean else None
+    else:
+        ratio = retained(mean, sem, full_mean, full_sem)
+    row["retained_pct"], row["retained_pct_err"] = ratio or (None, None)
+    for col, saved in (("kept_tokens", "tokens"), ("flops", "flops"), ("train_s", "time")):
+        row[f"{saved}_saved_pct"] = _saved(row[col], _mean([r.get(col) for r in full_ok]))
+    return row
+
+
 def _fmt(value: Any, col: str) -> str:
     if value is None or value == "":
         return "-"
@@ -106,8 +218,49 @@ NUMERIC_CELLS = [
 ]
 
 
-def markdown_table(rows: list[dict[str, Any]], refs: References | None = None) -> str:
-    """The table a person reads: accuracy ± stderr, retained %, tokens, compute and savings."""
+def several_seeds(rows: list[dict[str, Any]]) -> bool:
+    """Whether the grid ran more than one seed (then the tables and the plot show means over seeds)."""
+    return len({r["seed"] for r in rows}) > 1
+
+
+AGGREGATE_CELLS = [
+    ("kept_tokens", "kept tok"),
+    ("flops", "FLOPs"),
+    ("train_s", "train s"),
+    ("tokens_saved_pct", "tok saved %"),
+    ("flops_saved_pct", "FLOPs saved %"),
+    ("time_saved_pct", "time saved %"),
+]
+
+
+def aggregate_table(aggregates: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: one row per (fraction, segments), mean ± std over seeds, retained % ± its error."""
+    head = ["f", "segments", "seeds", "accuracy mean ± std", "retained % ± err"]
+    lines = [
+        "mean over seeds (± std across seeds; retained % of the f = 1.0 mean ± its error from both means)",
+        "",
+        "| " + " | ".join(head + [h for _, h in AGGREGATE_CELLS]) + " |",
+        "|" + "---|" * (len(head) + len(AGGREGATE_CELLS)),
+    ]
+    for a in aggregates:
+        acc, ret = "-", "-"
+        if a["accuracy_mean"] is not None:
+            acc = f"{a['accuracy_mean']:.3f} ± {a['accuracy_std'] or 0:.3f}"
+        if a["retained_pct"] is not None:
+            ret = f"{a['retained_pct']:.1f} ± {a['retained_pct_err']:.1f}"
+        seeds = str(a["n_seeds"]) + (f" ({a['n_failed']} failed)" if a["n_failed"] else "")
+        cells = [_fmt(a["fraction"], "fraction"), a["segments"], seeds, acc, ret]
+        lines.append("| " + " | ".join(cells + [_fmt(a[c], c) for c, _ in AGGREGATE_CELLS]) + " |")
+    return lines
+
+
+def markdown_table(
+    rows: list[dict[str, Any]],
+    refs: References | None = None,
+    aggregates: list[dict[str, Any]] | None = None,
+) -> str:
+    """The table a person reads: accuracy ± stderr, retained %, tokens, compute and savings; with more
+    than one seed, then the means over seeds (``aggregates``, from `aggregate_rows`)."""
     head = ["trial", "f", "segments", "seed", "status", "accuracy"] + [h for _, h in NUMERIC_CELLS]
     named = {role: m for role, m in (refs.models if refs else {}).items() if m != "embedded"}
     lines = [f"{role}: {model}" for role, model in named.items()] + ([""] if named else [])
@@ -117,6 +270,8 @@ def markdown_table(rows: list[dict[str, Any]], refs: References | None = None) -
         cells = [r["trial_id"], _fmt(r["fraction"], "fraction"), r["segments"], str(r["seed"]), r["status"]]
         cells += [acc] + [_fmt(r[c], c) for c, _ in NUMERIC_CELLS]
         lines.append("| " + " | ".join(cells) + " |")
+    if aggregates and several_seeds(rows):
+        lines += ["", *aggregate_table(aggregates)]
     if refs and (refs.teacher_accuracy is not None or refs.student_base_accuracy is not None):
         lines.append("")
         if refs.teacher_accuracy is not None:
@@ -136,7 +291,30 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def plot_frontier(rows: list[dict[str, Any]], path: Path, refs: References | None = None) -> None:
+def _frontier_points(
+    rows: list[dict[str, Any]], aggregates: list[dict[str, Any]] | None
+) -> list[tuple[str, float, float, float, float]]:
+    """(segments, flops, accuracy, error bar, fraction) to plot: the means over seeds (± standard error of
+    the mean) when the grid has several seeds, so each mask is one line; else every ok trial (± stderr)."""
+    if aggregates and several_seeds(rows):
+        return [
+            (a["segments"], a["flops"], a["accuracy_mean"], a["accuracy_sem"] or 0.0, a["fraction"])
+            for a in aggregates
+            if a["accuracy_mean"] is not None and a["flops"]
+        ]
+    return [
+        (r["segments"], r["flops"], r["accuracy"], r["stderr"] or 0.0, r["fraction"])
+        for r in rows
+        if r["status"] == "ok" and r["flops"]
+    ]
+
+
+def plot_frontier(
+    rows: list[dict[str, Any]],
+    path: Path,
+    refs: References | None = None,
+    aggregates: list[dict[str, Any]] | None = None,
+) -> None:
     """Accuracy against training FLOPs, one line per segment mask (the quality/compute frontier)."""
     import matplotlib
 
@@ -144,15 +322,9 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path, refs: References | Non
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in sorted({r["segments"] for r in rows}):
-        pts = sorted(
-            (r["flops"], r["accuracy"], r["stderr"] or 0.0, r["fraction"])
-            for r in rows
-            if r["segments"] == label and r["status"] == "ok" and r["flops"]
-        )
-        if not pts:
-            continue
-        xs, ys, es, fs = zip(*pts, strict=True)
+    points = _frontier_points(rows, aggregates)
+    for label in sorted({p[0] for p in points}):
+        xs, ys, es, fs = zip(*sorted(p[1:] for p in points if p[0] == label), strict=True)
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
         for x, y, f in zip(xs, ys, fs, strict=True):
             ax.annotate(f"f={f:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -162,7 +334,8 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path, refs: References | Non
         ax.axhline(refs.student_base_accuracy, color="gray", linestyle=":", label="student base")
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (log)")
-    ax.set_ylabel("eval accuracy (pass@1)")
+    means = aggregates and several_seeds(rows)
+    ax.set_ylabel("eval accuracy (pass@1" + ("; mean over seeds ± s.e.)" if means else ")"))
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Accuracy against compute, by supervised segments")
     ax.grid(alpha=0.3)
@@ -173,12 +346,38 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path, refs: References | Non
     plt.close(fig)
 
 
+def results_json(
+    records: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    aggregates: list[dict[str, Any]],
+    refs: References | None,
+) -> dict[str, Any]:
+    """What results.json holds: every trial (its record with the table's derived columns), the aggregates
+    over seeds, the reference accuracies and the models."""
+    by_id = {r["trial_id"]: r for r in records}
+    refs = refs or References()
+    return {
+        "columns": COLUMNS,
+        "trials": [by_id[row["trial_id"]] | row for row in rows],
+        "aggregate_columns": AGGREGATE_COLUMNS,
+        "aggregates": aggregates,
+        "references": {
+            "teacher_accuracy": refs.teacher_accuracy,
+            "student_base_accuracy": refs.student_base_accuracy,
+            **refs.extra,
+        },
+        "models": refs.models,
+    }
+
+
 def write_results(records: list[dict[str, Any]], out_dir: Path, refs: References | None = None) -> str:
-    """Write results.csv, results.md and frontier.png under out_dir; return the markdown table."""
+    """Write results.csv, results.md, results.json and frontier.png under out_dir; return the markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = complete_rows(records)
-    table = markdown_table(rows, refs)
+    aggregates = aggregate_rows(records)
+    table = markdown_table(rows, refs, aggregates)
     write_csv(rows, out_dir / "results.csv")
     (out_dir / "results.md").write_text(table + "\n")
-    plot_frontier(rows, out_dir / "frontier.png", refs)
+    write_json_atomic(out_dir / "results.json", results_json(records, rows, aggregates, refs), newline=True)
+    plot_frontier(rows, out_dir / "frontier.png", refs, aggregates)
     return table

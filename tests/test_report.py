@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
+import statistics
 from pathlib import Path
 
 import pytest
 
-from raykd.report import References, complete_rows, write_results
+from raykd.report import References, aggregate_rows, complete_rows, retained, write_results
 
 
 def record(f: float, seg: str, acc: float, seed: int = 0, status: str = "ok", **kw) -> dict:
@@ -68,3 +71,86 @@ def test_write_results_files(tmp_path: Path) -> None:
     assert "f0.50_A_s0 failed: worker died" in table
     assert "teacher accuracy (reference): 0.970" in table
     assert (tmp_path / "results.md").read_text().strip() == table.strip()
+
+
+SEED_ACCS = {(1.0, "CoT"): [0.80, 0.70, 0.75], (0.5, "CoT"): [0.60, 0.66, 0.51], (0.5, "A"): [0.2, 0.3, 0.1]}
+
+
+def seeded_records() -> list[dict]:
+    return [record(f, seg, acc, seed=s) for (f, seg), accs in SEED_ACCS.items() for s, acc in enumerate(accs)]
+
+
+def test_aggregate_over_seeds_matches_an_independent_computation() -> None:
+    import numpy as np
+
+    aggs = {(a["fraction"], a["segments"]): a for a in aggregate_rows(seeded_records())}
+    half, full = np.array(SEED_ACCS[(0.5, "CoT")]), np.array(SEED_ACCS[(1.0, "CoT")])
+    agg = aggs[(0.5, "CoT")]
+    assert (agg["n_seeds"], agg["seeds"], agg["n_failed"]) == (3, [0, 1, 2], 0)
+    assert agg["accuracy_mean"] == pytest.approx(half.mean())
+    assert agg["accuracy_std"] == pytest.approx(half.std(ddof=1))
+    assert agg["accuracy_sem"] == pytest.approx(half.std(ddof=1) / np.sqrt(3))
+    # Retained: the ratio of means, its relative errors added in quadrature ...
+    ratio = 100 * half.mean() / full.mean()
+    u, u1 = half.std(ddof=1) / np.sqrt(3), full.std(ddof=1) / np.sqrt(3)
+    assert agg["retained_pct"] == pytest.approx(ratio)
+    assert agg["retained_pct_err"] == pytest.approx(ratio * np.hypot(u / half.mean(), u1 / full.mean()))
+    # ... and a Monte Carlo draw of both means agrees with the first-order propagation (errors are small).
+    rng = np.random.default_rng(0)
+    draws = 100 * rng.normal(half.mean(), u, 400_000) / rng.normal(full.mean(), u1, 400_000)
+    assert agg["retained_pct_err"] == pytest.approx(draws.std(), rel=0.03)
+    # The reference point is 100 % by definition; the A mask has no f = 1.0 point to compare with.
+    assert (aggs[(1.0, "CoT")]["retained_pct"], aggs[(1.0, "CoT")]["retained_pct_err"]) == (100.0, 0.0)
+    assert aggs[(0.5, "A")]["retained_pct"] is None and aggs[(0.5, "A")]["accuracy_mean"] == pytest.approx(
+        0.2
+    )
+    assert agg["flops_saved_pct"] == pytest.approx(50.0) and agg["kept_tokens"] == pytest.approx(500.0)
+
+
+def test_retained_error_is_finite_at_zero_accuracy_and_absent_without_a_reference() -> None:
+    value, error = retained(0.0, 0.02, 0.5, 0.05)
+    assert value == 0.0 and error == pytest.approx(100 * 0.02 / 0.5)  # only the numerator's error is left
+    assert retained(0.3, 0.01, 0.0, 0.0) is None
+
+
+def test_one_seed_uses_the_trial_stderr_and_failed_seeds_are_counted_apart() -> None:
+    records = [record(1.0, "CoT", 0.8, stderr=0.04), record(0.5, "CoT", 0.6, stderr=0.05)]
+    records.append(record(0.5, "CoT", 0.0, seed=1, status="failed", error="OOM"))
+    aggs = {a["fraction"]: a for a in aggregate_rows(records)}
+    half = aggs[0.5]
+    assert (half["n_seeds"], half["n_failed"], half["accuracy_std"], half["accuracy_sem"]) == (
+        1,
+        1,
+        None,
+        0.05,
+    )
+    assert half["retained_pct"] == pytest.approx(75.0)
+    assert half["retained_pct_err"] == pytest.approx(75.0 * math.hypot(0.05 / 0.6, 0.04 / 0.8))
+
+
+def test_markdown_shows_aggregates_only_with_several_seeds(tmp_path: Path) -> None:
+    table = write_results(seeded_records(), tmp_path)
+    assert "mean over seeds" in table
+    half = [line for line in table.splitlines() if line.startswith("| 0.50 | CoT | 3 |")]
+    assert len(half) == 1
+    ratio = 100 * statistics.fmean(SEED_ACCS[(0.5, "CoT")]) / statistics.fmean(SEED_ACCS[(1.0, "CoT")])
+    assert f"{statistics.fmean(SEED_ACCS[(0.5, 'CoT')]):.3f} ± " in half[0] and f"{ratio:.1f} ± " in half[0]
+    single = write_results([record(1.0, "CoT", 0.8), record(0.5, "CoT", 0.6)], tmp_path / "one")
+    assert "mean over seeds" not in single
+
+
+def test_results_json_holds_trials_aggregates_references_and_models(tmp_path: Path) -> None:
+    records = seeded_records()
+    records[0]["eval_counts"] = {"correct": 4, "wrong": 1}  # record fields beyond the table travel along
+    refs = References(teacher_accuracy=0.9, student_base_accuracy=0.2)
+    refs.models = {"teacher": "org/teacher@abc", "student": "org/student@def"}
+    write_results(records, tmp_path, refs)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(data["trials"]) == len(records) and len(data["aggregates"]) == len(SEED_ACCS)
+    by_id = {t["trial_id"]: t for t in data["trials"]}
+    assert by_id["f1.00_CoT_s0"]["eval_counts"] == {"correct": 4, "wrong": 1}
+    assert by_id["f0.50_CoT_s1"]["retained_pct"] == pytest.approx(100 * 0.66 / 0.70)
+    assert data["aggregates"] == json.loads(json.dumps(aggregate_rows(records)))
+    assert data["references"] == {"teacher_accuracy": 0.9, "student_base_accuracy": 0.2}
+    assert data["models"] == refs.models
+    assert set(data["aggregate_columns"]) == set(data["aggregates"][0])
