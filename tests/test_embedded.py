@@ -102,14 +102,15 @@ def test_traces_have_reasoning_proportions(tokenizer, task: str) -> None:
 def test_greedy_ids_match_transformers_generate(tokenizer) -> None:
     import torch
 
+    from raykd.chat import chat_prompt_ids
     from raykd.embedded.bootstrap import ModelSize, new_model
-    from raykd.embedded.train import greedy_ids, prompt_ids
+    from raykd.embedded.train import greedy_ids
 
     torch.manual_seed(0)
     model = new_model(ModelSize(layers=2, hidden=64, heads=2, intermediate=128), tokenizer).eval()
     # Prompts of different lengths, so left padding and position ids matter.
-    prompts = [prompt_ids(tokenizer, p.prompt) for p in make_problems("modchain", "eval", 2, 0, steps=1)]
-    prompts += [prompt_ids(tokenizer, p.prompt) for p in make_problems("cups", "eval", 2, 0, steps=4)]
+    prompts = [chat_prompt_ids(tokenizer, p.prompt) for p in make_problems("modchain", "eval", 2, 0, steps=1)]
+    prompts += [chat_prompt_ids(tokenizer, p.prompt) for p in make_problems("cups", "eval", 2, 0, steps=4)]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     ours = greedy_ids(model, prompts, 12, eos, pad)
     for prompt, row in zip(prompts, ours, strict=True):

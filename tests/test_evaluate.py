@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from raykd.engine.checks import SetupError
 from raykd.evaluate import EvalResult, evaluate_student, summarize
 from raykd.problems.tasks import make_problems
 from raykd.spec import EvaluationSpec
-from raykd.traces.checks import TraceSetupError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def test_accuracy_is_pass_at_1_averaged_over_samples_with_stderr_across_problems
 
 def test_bad_model_folder_or_no_problems_is_refused(tmp_path: Path) -> None:
     spec = EvaluationSpec(samples=1, max_tokens=8)
-    with pytest.raises(TraceSetupError, match="evaluated model: no such model folder"):
+    with pytest.raises(SetupError, match="evaluated model: no such model folder"):
         evaluate_student(tmp_path / "missing", make_problems("cups", "eval", 1, seed=0), spec, "exact")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")

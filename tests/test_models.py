@@ -26,7 +26,7 @@ from raykd.models import ModelError, content_id, forwarded_env, hub_snapshot, re
 from raykd.problems.tasks import make_problems
 from raykd.report import References, write_results
 from raykd.spec import SpecError, parse_spec
-from raykd.traces import existing, pipeline
+from raykd.traces import pipeline
 from raykd.traces.store import content_key, fingerprint_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,7 +221,8 @@ def test_trace_key_names_the_commit(hub: Path, commits: dict[str, str], tmp_path
     material = pipeline.key_material(spec, problems, main, main)
     assert material["teacher"] == material["tokenizer"] == f"hub:{TEACHER}@{commits['teacher']}"
     assert content_key(pipeline.key_material(spec, problems, tagged, tagged)) != content_key(material)
-    assert existing.key_material(spec_for(), problems, main, main)["teacher"] == material["teacher"]
+    scored = spec.model_copy(update={"problems": spec.problems.model_copy(update={"source": "traces"})})
+    assert pipeline.key_material(scored, problems, main, main)["teacher"] == material["teacher"]
     folder = model_folder(tmp_path / "plain")
     assert content_id(str(folder)) == fingerprint_path(folder)  # folders keep their content fingerprint
 

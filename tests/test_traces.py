@@ -21,18 +21,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raykd.problems.answers import extract_answer, is_correct
+from raykd.engine import checks as engine_checks
+from raykd.engine.checks import SetupError
+from raykd.engine.config import EngineStartError, request_seed
+from raykd.engine.outputs import flat_rows, tail_mass
+from raykd.problems.answers import STATUSES, extract_answer, is_correct
 from raykd.problems.tasks import Problem, make_problems
 from raykd.spec import SweepSpec, parse_spec
 from raykd.traces import checks, generate_traces
-from raykd.traces.engine import EngineStartError, flat_rows, request_seed, tail_mass
 from raykd.traces.pipeline import key_material
 from raykd.traces.stages import SEGMENT_FIELDS
 from raykd.traces.store import content_key, fingerprint_path, open_store, shard_meta, summarize, trace_schema
 from raykd.traces.writer import ShardWriter
 
 ROOT = Path(__file__).resolve().parents[1]
-STATUSES = ("correct", "wrong", "unparseable", "truncated")
 F16_REL = 2.0**-11  # float16 rounding, relative (the stored top-k logprobs)
 
 
@@ -196,23 +198,23 @@ def test_flat_rows_reads_vllms_own_layout_and_tail_mass_is_exact() -> None:
 
 
 def test_model_path_and_parallelism_errors_name_the_setting(tmp_path: Path) -> None:
-    with pytest.raises(checks.TraceSetupError, match=r"teacher.model: no such model folder: /nope"):
-        checks.check_model_path("/nope", "teacher.model")
+    with pytest.raises(SetupError, match=r"teacher.model: no such model folder: /nope"):
+        engine_checks.check_model_path("/nope", "teacher.model")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(checks.TraceSetupError, match=r"has no config.json"):
-        checks.check_model_path(str(tmp_path / "empty"), "teacher.model")
-    checks.check_model_path("Qwen/Qwen3-8B", "teacher.model")  # a hub id is vLLM's to resolve
-    with pytest.raises(checks.TraceSetupError, match=r"generation.gpus_per_engine: each engine needs 2 GPU"):
-        checks.check_gpus(engines=1, gpus_per_engine=2, available=0)
-    checks.check_gpus(engines=4, gpus_per_engine=0, available=0)
-    with pytest.raises(checks.TraceSetupError, match=r"not a multiple of generation.tensor_parallel 2"):
-        checks.check_tensor_parallel(3, 2)
+    with pytest.raises(SetupError, match=r"has no config.json"):
+        engine_checks.check_model_path(str(tmp_path / "empty"), "teacher.model")
+    engine_checks.check_model_path("Qwen/Qwen3-8B", "teacher.model")  # a hub id is vLLM's to resolve
+    with pytest.raises(SetupError, match=r"generation.gpus_per_engine: each engine needs 2 GPU"):
+        engine_checks.check_gpus(engines=1, gpus_per_engine=2, available=0)
+    engine_checks.check_gpus(engines=4, gpus_per_engine=0, available=0)
+    with pytest.raises(SetupError, match=r"not a multiple of generation.tensor_parallel 2"):
+        engine_checks.check_tensor_parallel(3, 2)
 
 
 def test_context_check_names_max_tokens_and_the_longest_problem() -> None:
-    assert checks.check_context({"a": 10, "b": 30}, 100, 4096, "generation", "m") == 130
-    with pytest.raises(checks.TraceSetupError) as caught:
-        checks.check_context({"a": 10, "b": 30, "c": 29}, 100, 128, "generation", "teacher-x")
+    assert engine_checks.check_context({"a": 10, "b": 30}, 100, 4096, "generation", "m") == 130
+    with pytest.raises(SetupError) as caught:
+        engine_checks.check_context({"a": 10, "b": 30, "c": 29}, 100, 128, "generation", "teacher-x")
     message = str(caught.value)
     assert message.startswith("generation.max_tokens: problem 'b' has a 30-token prompt")
     assert "needs 130 tokens but teacher-x holds 128 (2 problem(s) too long)" in message
@@ -234,16 +236,16 @@ def test_teacher_and_student_vocabularies_must_match_before_any_work(tmp_path: P
     same = word_tokenizer(tmp_path / "same", ["<unk>", "a", "b", "c"])
     other = word_tokenizer(tmp_path / "other", ["<unk>", "b", "a", "c"])
     checks.check_vocabulary(str(teacher), str(same))
-    with pytest.raises(checks.TraceSetupError) as caught:
+    with pytest.raises(SetupError) as caught:
         checks.check_vocabulary(str(teacher), str(other))
     message = str(caught.value)
     assert f"student.model {other} does not share the vocabulary of teacher.model {teacher}" in message
     assert "2 id(s) map to other tokens, first id 1: 'a' for the teacher, 'b' for the student" in message
     spec = make_spec()
     problems = make_problems("cups", "train", 2, seed=0)
-    with pytest.raises(checks.TraceSetupError, match=r"does not share the vocabulary"):
+    with pytest.raises(SetupError, match=r"does not share the vocabulary"):
         generate_traces(spec, problems, teacher, teacher, tmp_path / "out", student_dir=other)
-    with pytest.raises(checks.TraceSetupError, match=r"teacher.model: no such model folder"):
+    with pytest.raises(SetupError, match=r"teacher.model: no such model folder"):
         generate_traces(spec, problems, teacher, tmp_path / "missing", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before any folder, Ray or engine
 
@@ -479,9 +481,9 @@ def test_prompt_too_long_and_missing_gpus_stop_before_generation(
 ) -> None:
     long = Problem("long-one", "cups 5 , ball under 1 . swaps : " + " , ".join(["1 2"] * 3000), "1")
     problems = [*make_problems("cups", "train", 2, seed=0), long]
-    with pytest.raises(checks.TraceSetupError, match=r"generation.max_tokens: problem 'long-one' has a"):
+    with pytest.raises(SetupError, match=r"generation.max_tokens: problem 'long-one' has a"):
         generate_traces(make_spec(), problems, models.tokenizer_dir, models.teacher_dir, tmp_path)
-    with pytest.raises(checks.TraceSetupError, match=r"generation.gpus_per_engine: each engine needs 1 GPU"):
+    with pytest.raises(SetupError, match=r"generation.gpus_per_engine: each engine needs 1 GPU"):
         generate_traces(
             make_spec(gpus_per_engine=1), problems[:2], models.tokenizer_dir, models.teacher_dir, tmp_path
         )

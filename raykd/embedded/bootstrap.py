@@ -19,18 +19,19 @@ and a second run (or a concurrent one, which waits on a lock) reuses it.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
+import functools
 import hashlib
+import inspect
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raykd.embedded.recipe import ModelSize, Recipe, new_llama
+from raykd.files import build_once
 from raykd.problems.answers import extract_answer
 from raykd.problems.tasks import (
     Problem,
@@ -41,30 +42,13 @@ from raykd.problems.tasks import (
 )
 
 INFO_FILE = "embedded.json"
-_SOURCES = ("problems/tasks.py", "embedded/tokenizer.py", "embedded/train.py", "embedded/bootstrap.py")
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    """A Llama decoder's shape; head_dim = hidden / heads must stay >= 32 for vLLM's CPU attention."""
-
-    layers: int
-    hidden: int = 128
-    heads: int = 4
-    intermediate: int = 512
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How to train one model (`raykd.embedded.train.train`): steps, batch, learning rate with warmup and a
-    cosine decay, and when to stop early (once the check every ``check_every`` steps reaches ``target``)."""
-
-    max_steps: int
-    batch_size: int = 32
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    check_every: int = 50
-    target: float = 0.97
+_SOURCES = (
+    "problems/tasks.py",
+    "embedded/tokenizer.py",
+    "embedded/train.py",
+    "embedded/recipe.py",
+    "embedded/bootstrap.py",
+)
 
 
 @dataclass(frozen=True)
@@ -131,22 +115,10 @@ def bootstrap(
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir)
     final = cache_dir / f"{task}-{key}"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent bootstrap of the same key waits, then reuses
-        # Temporary folders of a build that was killed (SIGKILL/SIGTERM skip cleanup); only we write them now.
-        for stale in cache_dir.glob(f".{final.name}.*"):
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-        if not (final / INFO_FILE).exists():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
-            try:
-                _build(tmp, inputs, threads, log)
-                os.replace(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            log(f"embedded models for {task} (seed {seed}) reused from {final}")
+    # A concurrent bootstrap of the same key waits on build_once's lock, then reuses the folder.
+    build = functools.partial(_build, inputs=inputs, threads=threads, log=log)
+    if not build_once(final, build, marker=INFO_FILE):
+        log(f"embedded models for {task} (seed {seed}) reused from {final}")
     return load(final)
 
 
@@ -165,11 +137,15 @@ def load(folder: str | Path) -> EmbeddedModels:
 
 
 def code_version() -> str:
-    """Hash of the code that decides what gets built, so a change to it invalidates the cache."""
+    """Hash of the code that decides what gets built, so a change to it invalidates the cache: the files of
+    _SOURCES and the prompt renderer (raykd.chat changes for other reasons; only this function matters)."""
+    from raykd.chat import chat_prompt_ids
+
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for name in _SOURCES:
         digest.update((root / name).read_bytes())
+    digest.update(inspect.getsource(chat_prompt_ids).encode())
     return digest.hexdigest()[:16]
 
 
@@ -225,7 +201,7 @@ def _build(folder: Path, inputs: dict[str, Any], threads: int | None, log: Calla
             "threads": torch.get_num_threads(),
             "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
         }
-        (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")  # last: marks the build finished
         log(
             f"embedded {task}: teacher {teacher['accuracy']:.3f}, student base {student['accuracy']:.3f} "
             f"(greedy, {len(eval_set)} held-out problems), {info['bootstrap_seconds']:.0f}s"
@@ -287,26 +263,10 @@ def _train_model(
 
 
 def new_model(size: ModelSize, tokenizer: Any) -> Any:
-    """A freshly initialised float32 Llama model for ``tokenizer``'s vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """A freshly initialised float32 Llama model for ``tokenizer``'s vocabulary, servable by vLLM on CPU."""
     if size.hidden % size.heads or size.hidden // size.heads < 32:
         raise ValueError(f"{size}: hidden / heads must be a whole number >= 32 (vLLM CPU attention)")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.heads,
-        max_position_embeddings=1024,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
-    return LlamaForCausalLM(config)
+    return new_llama(size, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, max_positions=1024)
 
 
 def sequence_shape(tokenizer: Any, problems: list[Problem]) -> dict[str, float]:

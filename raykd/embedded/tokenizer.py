@@ -8,11 +8,9 @@ template is ChatML, and generation ends at ``<|im_end|>``.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from raykd.files import atomic_folder
 from raykd.problems.tasks import TASKS, THINK_CLOSE, THINK_OPEN, make_problems, reference_completion
 
 PAD = "<|endoftext|>"
@@ -83,13 +81,6 @@ def build_tokenizer(out_dir: str | Path) -> Path:
 
 
 def _save_atomically(fast: object, out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         fast.save_pretrained(tmp)  # type: ignore[attr-defined]
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

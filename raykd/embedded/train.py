@@ -10,15 +10,13 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from raykd.chat import chat_prompt_ids
+from raykd.embedded.recipe import Recipe
 from raykd.problems.answers import extract_answer, is_correct
 from raykd.problems.tasks import Problem
-
-if TYPE_CHECKING:  # bootstrap owns the recipe (torch-free, part of its cache key)
-    from raykd.embedded.bootstrap import Recipe
 
 
 @dataclass(frozen=True)
@@ -29,17 +27,9 @@ class Example:
     n_prompt: int
 
 
-def prompt_ids(tokenizer: object, prompt: str) -> list[int]:
-    """The chat-formatted prompt with the assistant header, as the teacher sees it at generation time."""
-    encoded = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-    )
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
-
 def encode(tokenizer: object, problem: Problem, completion: str) -> Example:
     """Tokenize one (prompt, completion) pair; the completion ends with the EOS (``<|im_end|>``) token."""
-    head = prompt_ids(tokenizer, problem.prompt)
+    head = chat_prompt_ids(tokenizer, problem.prompt)
     tail = tokenizer(completion, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
     return Example(ids=head + list(tail) + [tokenizer.eos_token_id], n_prompt=len(head))  # type: ignore[attr-defined]
 
@@ -195,7 +185,7 @@ def greedy_completions(
     """Greedy completions as text, special tokens kept (so ``</think>`` stays visible), EOS dropped."""
     texts = []
     for begin in range(0, len(problems), batch_size):
-        heads = [prompt_ids(tokenizer, p.prompt) for p in problems[begin : begin + batch_size]]
+        heads = [chat_prompt_ids(tokenizer, p.prompt) for p in problems[begin : begin + batch_size]]
         eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id  # type: ignore[attr-defined]
         for ids in greedy_ids(model, heads, max_new_tokens, eos_id, pad_id):
             texts.append(tokenizer.decode(ids, skip_special_tokens=False))  # type: ignore[attr-defined]

@@ -12,6 +12,8 @@ from typing import Literal
 
 AnswerKind = Literal["exact", "math"]
 ANSWER_KINDS = ("exact", "math")
+# What a completion is, as traces and evaluation count it (`status`).
+STATUSES = ("correct", "wrong", "unparseable", "truncated")
 
 # Markers after which the answer starts: ours/Qwen3's, and the Bespoke-Stratos / OpenThoughts one.
 THINK_STARTS, THINK_ENDS = ("<think>", "<|begin_of_thought|>"), ("</think>", "<|end_of_thought|>")
@@ -56,6 +58,17 @@ def is_correct(pred: str | None, ref: str, kind: AnswerKind) -> bool:
     if kind == "exact":
         return " ".join(pred.split()) == " ".join(ref.split())
     return _math_equal(pred, ref)
+
+
+def status(text: str, reference: str | None, finish_reason: str, kind: str) -> tuple[str, str | None]:
+    """(status, pred) of a completion: 'truncated' when it ran to max_tokens (vLLM's finish reason
+    'length'), else the answer check's verdict ('unparseable' also when there is no reference)."""
+    pred = extract_answer(text, kind)  # type: ignore[arg-type]
+    if finish_reason == "length":
+        return "truncated", pred
+    if pred is None or reference is None:
+        return "unparseable", None
+    return ("correct" if is_correct(pred, reference, kind) else "wrong"), pred  # type: ignore[arg-type]
 
 
 def last_boxed(text: str) -> str | None:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from raykd.files import write_jsonl_atomic
 from raykd.problems.answers import last_boxed
 from raykd.problems.tasks import Problem, Split, split_of
 
@@ -110,21 +109,7 @@ def gsm_problems(split: Split, n: int, seed: int) -> list[Problem]:
 
 def save_problems(path: str | Path, problems: Sequence[Problem]) -> Path:
     """Write ``problems`` as JSONL (fields id, prompt, answer) atomically: a crash leaves no partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            for p in problems:
-                out.write(
-                    json.dumps({"id": p.id, "prompt": p.prompt, "answer": p.answer}, ensure_ascii=False)
-                    + "\n"
-                )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_jsonl_atomic(path, ({"id": p.id, "prompt": p.prompt, "answer": p.answer} for p in problems))
 
 
 def read_rows(path: Path, split: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -24,12 +24,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raykd.chat import end_of_turn
-from raykd.models import content_id
+from raykd.chat import end_of_turn, load_tokenizer
+from raykd.engine import checks
 from raykd.problems.tasks import Problem
-from raykd.traces import checks
-from raykd.traces.stages import IDS, list_column, load_tokenizer, segment_meta
-from raykd.traces.store import TraceStore, fingerprint_path, problems_digest
+from raykd.traces.chain import engine_config, run_engines, start_ray, stream_to_shards, supervises_prompt
+from raykd.traces.stages import IDS, ScoreBatch, list_column, segment_meta
+from raykd.traces.store import TraceStore
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -43,20 +43,6 @@ def trace_problems(path: str | Path) -> list[Problem]:
     ]
 
 
-def key_material(spec: Any, problems: list[Any], tokenizer_dir: str, teacher_dir: str) -> dict[str, Any]:
-    gen = spec.generation
-    return {
-        "source": "traces",
-        "traces": fingerprint_path(spec.problems.path),
-        "problems": problems_digest(problems),
-        "teacher": content_id(teacher_dir),  # a hub snapshot by its commit, a folder by its content
-        "tokenizer": content_id(tokenizer_dir),
-        "answer_check": spec.problems.answer_check,
-        "generation": gen.model_dump(include={"max_tokens", "logprobs_k", "filter"}),
-        "prompt_logprobs": any("prompt" in s for s in spec.sweep.segments),
-    }
-
-
 def trace_rows(spec: Any, problems: list[Any]) -> dict[str, dict[str, Any]]:
     """Dataset rows by id, restricted to the ids of ``problems`` (all rows when ``problems`` is empty)."""
     from raykd.problems.sources import load_trace_dataset
@@ -65,9 +51,7 @@ def trace_rows(spec: Any, problems: list[Any]) -> dict[str, dict[str, Any]]:
     wanted = {p.id for p in problems} or set(rows)
     missing = sorted(wanted - set(rows))
     if missing:
-        raise checks.TraceSetupError(
-            f"problems.path {spec.problems.path} has no trace with id {missing[0]!r}"
-        )
+        raise checks.SetupError(f"problems.path {spec.problems.path} has no trace with id {missing[0]!r}")
     return {i: rows[i] for i in wanted}
 
 
@@ -121,15 +105,6 @@ def run_scoring(
     batch_size: int,
 ) -> dict[str, Any]:
     """Tokenize, score and write the traces of ``shards``; returns this run's throughput figures."""
-    from raykd.traces.pipeline import (
-        engine_config,
-        run_engines,
-        start_ray,
-        stream_to_shards,
-        supervises_prompt,
-    )
-    from raykd.traces.stages import ScoreBatch
-
     gen = spec.generation
     start_ray(gen)
     items = [_item(rows[pid], shard) for shard in shards for pid in store.shard_problems[shard]]

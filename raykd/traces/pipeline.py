@@ -14,29 +14,30 @@ tokenizer and generation settings reads the finished set without starting an eng
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raykd.models import content_id
+from raykd.engine import checks as engine_checks
+from raykd.files import write_json_atomic
+from raykd.problems.answers import STATUSES
 from raykd.problems.tasks import Problem
 from raykd.traces import checks, existing
-from raykd.traces.engine import ENGINE_START_MESSAGE, EngineConfig, EngineStartError
-from raykd.traces.store import (
-    STATUSES,
-    TraceStore,
-    content_key,
-    open_store,
-    problems_digest,
-    summarize,
-    write_json_atomic,
+from raykd.traces.chain import (
+    engine_config,
+    key_material,
+    run_engines,
+    start_ray,
+    supervises_prompt,
 )
+from raykd.traces.store import TraceStore, content_key, open_store, summarize
 
 DEFAULT_SHARD_SIZE = 256  # problems per shard: the unit of resume
-DEFAULT_BATCH_SIZE = 64  # problems per engine call (x samples_per_prompt requests)
+# Problems per engine call (x samples_per_prompt requests): a whole shard. Inside one call vLLM's continuous
+# batching keeps max_num_seqs sequences running and starts a waiting one whenever one ends; only at the
+# call's end does the engine drain while its longest sequences finish, so that tail is paid once per shard.
+DEFAULT_BATCH_SIZE = DEFAULT_SHARD_SIZE
 
 
 @dataclass(frozen=True)
@@ -46,28 +47,6 @@ class TraceSet:
     path: Path
     key: str
     summary: dict[str, Any]
-
-
-def supervises_prompt(spec: Any) -> bool:
-    """Prompt logprobs are captured only when some trial puts the prompt in its loss."""
-    return any("prompt" in segments for segments in spec.sweep.segments)
-
-
-def key_material(spec: Any, problems: list[Any], tokenizer_dir: str, teacher_dir: str) -> dict[str, Any]:
-    """Everything that decides the traces' content, and nothing about the run (engines, GPUs, paths)."""
-    gen = spec.generation
-    return {
-        "source": "generate",
-        "problems": problems_digest(problems),
-        # A hub snapshot by its commit, a folder by its content (raykd.models.content_id).
-        "teacher": content_id(teacher_dir),
-        "tokenizer": content_id(tokenizer_dir),
-        "answer_check": spec.problems.answer_check,
-        "generation": gen.model_dump(
-            include={"samples_per_prompt", "temperature", "top_p", "max_tokens", "logprobs_k", "filter"}
-        ),
-        "prompt_logprobs": supervises_prompt(spec),
-    }
 
 
 def generate_traces(
@@ -95,9 +74,7 @@ def generate_traces(
     if spec.problems.source == "traces":
         rows = existing.trace_rows(spec, problems)
         problems = [Problem(id=i, prompt=r["prompt"], answer=r["answer"] or "") for i, r in rows.items()]
-        material = existing.key_material(spec, problems, tokenizer_dir, teacher_dir)
-    else:
-        material = key_material(spec, problems, tokenizer_dir, teacher_dir)
+    material = key_material(spec, problems, tokenizer_dir, teacher_dir)
     key = content_key(material)
     store = open_store(Path(out_root) / "traces" / key, material, [p.id for p in problems], shard_size)
     manifest = store.read_manifest()
@@ -125,15 +102,15 @@ def generate_traces(
 def preflight(spec: Any, tokenizer_dir: str, teacher_dir: str, student_dir: str | Path | None) -> None:
     """Everything that can be refused before Ray or vLLM start: paths, vocabularies, the chat template,
     parallelism."""
-    checks.check_model_path(teacher_dir, "teacher.model")
+    engine_checks.check_model_path(teacher_dir, "teacher.model")
     if student_dir is None and spec.student.model != "embedded":
         student_dir = spec.student.model
     trust = spec.teacher.trust_remote_code
     if student_dir is not None:
-        checks.check_model_path(str(student_dir), "student.model")
+        engine_checks.check_model_path(str(student_dir), "student.model")
         checks.check_vocabulary(teacher_dir, str(student_dir), tokenizer_dir, trust)
     checks.check_chat_template(tokenizer_dir, student_dir and str(student_dir), teacher_dir, trust)
-    checks.check_tensor_parallel(spec.generation.gpus_per_engine, spec.generation.tensor_parallel)
+    engine_checks.check_tensor_parallel(spec.generation.gpus_per_engine, spec.generation.tensor_parallel)
 
 
 def run_generation(
@@ -167,50 +144,6 @@ def run_generation(
     return run_engines(spec, ds, GenerateBatch, stage_kwargs, store, expected, tokenizer_dir, batch_size)
 
 
-def run_engines(
-    spec: Any,
-    ds: Any,
-    stage: type,
-    stage_kwargs: dict[str, Any],
-    store: TraceStore,
-    expected: dict[int, int],
-    tokenizer_dir: str,
-    batch_size: int,
-) -> dict[str, Any]:
-    """The chain's tail, shared by generation and scoring: ``stage`` (an engine actor class, GenerateBatch or
-    ScoreBatch) on a pool of spec.generation.engines actors, then the answer check and segmentation, then
-    the shards written as they complete. Returns this run's throughput figures."""
-    import ray
-
-    from raykd.traces.stages import check_and_segment
-
-    gen = spec.generation
-    # Each engine's start-up output goes to the trace folder's log (raykd.logs), not the console.
-    engine = dataclasses.replace(stage_kwargs["engine"], log_file=str(store.root / "engine.log"))
-    stage_kwargs = {**stage_kwargs, "engine": engine}
-    ds = ds.map_batches(
-        stage,
-        batch_format="pyarrow",
-        batch_size=batch_size,
-        fn_constructor_kwargs=stage_kwargs,
-        compute=ray.data.ActorPoolStrategy(size=gen.engines),
-        **engine_remote_args(gen.gpus_per_engine, gen.tensor_parallel, gen.engine_resources),
-    )
-    ds = ds.map_batches(
-        check_and_segment, batch_format="pyarrow", fn_args=(tokenizer_dir, spec.problems.answer_check)
-    )
-    return stream_to_shards(ds, store, expected, keep_all=gen.filter == "keep_all")
-
-
-def start_ray(gen: Any) -> None:
-    """Join the running Ray instance (or start a local one) and check that an engine fits its GPUs."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
-    checks.check_gpus(gen.engines, gen.gpus_per_engine, ray.cluster_resources().get("GPU", 0))
-
-
 def rendered_prompts(
     spec: Any, items: list[dict[str, Any]], tokenizer_dir: str, teacher_dir: str, batch_size: int
 ) -> tuple[Any, int]:
@@ -227,27 +160,9 @@ def rendered_prompts(
     ).materialize()  # small (ids only), and every prompt length is needed before generation
     rows = ds.select_columns(["problem_id", "prompt_len"]).take_all()
     lengths = {r["problem_id"]: r["prompt_len"] for r in rows}
-    context = checks.model_context(teacher_dir)
+    context = engine_checks.model_context(teacher_dir)
     gen = spec.generation
-    return ds, checks.check_context(lengths, gen.max_tokens, context, "generation", spec.teacher.model)
-
-
-def engine_config(spec: Any, teacher_dir: str, tokenizer_dir: str, max_model_len: int) -> EngineConfig:
-    gen = spec.generation
-    return EngineConfig(
-        model=teacher_dir,
-        tokenizer=tokenizer_dir,
-        max_model_len=max_model_len,
-        max_logprobs=gen.logprobs_k,
-        gpus=gen.gpus_per_engine,
-        tensor_parallel=gen.tensor_parallel,
-        trust_remote_code=spec.teacher.trust_remote_code,
-        gpu_memory_utilization=gen.gpu_memory_utilization,
-        max_num_batched_tokens=gen.max_num_batched_tokens,
-        max_num_seqs=gen.max_num_seqs,
-        dtype=gen.dtype,
-        enforce_eager=gen.enforce_eager,
-    )
+    return ds, engine_checks.check_context(lengths, gen.max_tokens, context, "generation", spec.teacher.model)
 
 
 def sampling_params(spec: Any) -> dict[str, Any]:
@@ -260,86 +175,6 @@ def sampling_params(spec: Any) -> dict[str, Any]:
         "logprobs": gen.logprobs_k,
         "prompt_logprobs": gen.logprobs_k if supervises_prompt(spec) else None,
     }
-
-
-def stream_to_shards(ds: Any, store: TraceStore, expected: dict[int, int], keep_all: bool) -> dict[str, Any]:
-    """Execute the chain (Ray Data's progress bars show it) and write each shard as it completes; ``ds`` is
-    the chain's Dataset, or None when no shard has a row to wait for."""
-    from raykd.traces.writer import ShardWriter
-
-    writer = ShardWriter(store, expected, keep_all)
-    writer.write_empty()
-    start = time.time()
-    try:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None) if ds is not None else ():
-            writer.add(batch)
-    except Exception as error:
-        clear = engine_error(error)
-        if clear is error:
-            raise
-        raise clear from error
-    end = time.time()
-    if writer.missing():
-        raise RuntimeError(
-            f"the trace chain ended with shards {writer.missing()} incomplete; run again to finish"
-        )
-    ready = writer.first_ready or start
-    return {
-        "shards_generated": len(writer.written),
-        "run_generated_tokens": writer.generated_tokens,
-        "run_seconds": round(end - start, 2),
-        "engine_startup_s": round(ready - start, 2),
-        "tokens_per_s": round(writer.generated_tokens / max(end - ready, 1e-9), 1),
-    }
-
-
-def engine_error(error: BaseException) -> BaseException:
-    """Ray wraps an actor's constructor error in its own exceptions (and text); surface EngineStartError's
-    message, which names the settings to check, when that is the cause."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, EngineStartError):
-            return EngineStartError(str(seen))
-        seen = seen.__cause__ or getattr(seen, "cause", None)
-    text = str(error)
-    at = text.rfind(ENGINE_START_MESSAGE)
-    if at >= 0:
-        return EngineStartError("\n".join(text[at:].splitlines()[:2]))
-    return error
-
-
-def engine_remote_args(
-    gpus: int, tensor_parallel: int, resources: dict[str, float] | None = None
-) -> dict[str, Any]:
-    """Ray resources of one engine actor (``resources``: custom ones it also asks for); with several GPUs
-    vLLM's Ray executor places its own workers in a placement group the actor captures (as ray.data.llm
-    does), the custom resources in its first bundle."""
-    custom = {"resources": dict(resources)} if resources else {}
-    if gpus <= 1:
-        return {"num_cpus": 1, "num_gpus": gpus, **custom}
-    return {"num_gpus": 0, "ray_remote_args_fn": _PlacementGroupArgs(gpus, resources or {})}
-
-
-class _PlacementGroupArgs:
-    """Picklable ray_remote_args_fn: a fresh PACK placement group of ``gpus`` GPU bundles per engine actor;
-    ``resources`` (custom) join the first bundle, so the group lands on a node that has them."""
-
-    def __init__(self, gpus: int, resources: dict[str, float]):
-        self.gpus = gpus
-        self.resources = resources
-
-    def __call__(self) -> dict[str, Any]:
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        bundles = [{"GPU": 1, "CPU": 1} for _ in range(self.gpus)]
-        bundles[0] |= self.resources
-        group = ray.util.placement_group(bundles, strategy="PACK")
-        return {
-            "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                group, placement_group_capture_child_tasks=True
-            )
-        }
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -15,7 +15,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raykd.traces.engine import EngineConfig, VllmEngine, request_seed
+from raykd.chat import chat_prompt_ids, load_tokenizer
+from raykd.engine.config import EngineConfig, request_seed
+from raykd.engine.outputs import tail_mass
+from raykd.engine.vllm_engine import VllmEngine
 
 IDS = pa.list_(pa.int32())
 VALUES = pa.list_(pa.float32())
@@ -33,25 +36,10 @@ ENGINE_COLUMNS: dict[str, pa.DataType] = {
 
 
 @functools.lru_cache(maxsize=4)
-def load_tokenizer(tokenizer_dir: str, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
-
-
-@functools.lru_cache(maxsize=4)
 def think_tags(tokenizer_dir: str) -> Any:
     from raykd.segments import ThinkTags
 
     return ThinkTags.from_tokenizer(load_tokenizer(tokenizer_dir))
-
-
-def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """The prompt as the teacher sees it: one user turn, chat template, assistant header appended."""
-    encoded = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-    )
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
 def list_column(rows: Sequence[np.ndarray], type_: pa.DataType) -> pa.Array:
@@ -79,7 +67,12 @@ def render_prompts(batch: pa.Table, tokenizer_dir: str, trust_remote_code: bool 
 
 
 class GenerateBatch:
-    """Ray Data actor: one vLLM engine; each input row (a problem) becomes ``samples`` trace rows."""
+    """Ray Data actor: one vLLM engine; each input row (a problem) becomes ``samples`` trace rows.
+
+    A batch (a whole shard by default, raykd.traces.pipeline.DEFAULT_BATCH_SIZE) goes to the engine in one
+    `generate` call, never in fixed groups: vLLM's continuous batching then keeps its max_num_seqs slots
+    full, refilling each as a sequence ends, and waits for a longest sequence only once per batch.
+    """
 
     def __init__(self, engine: EngineConfig, sampling: dict[str, Any], samples: int, tokenizer_dir: str):
         self.engine = VllmEngine(engine)
@@ -93,6 +86,7 @@ class GenerateBatch:
         problem_ids = batch.column("problem_id").to_pylist()
         prompts = batch.column("prompt_ids").to_pylist()
         seeds = [request_seed(problem_ids[r], int(s)) for r, s in zip(rows, sample_index, strict=True)]
+        # One call for the whole batch; vLLM returns the outputs in request order, so row i is request i.
         outputs = self.engine.generate([prompts[r] for r in rows], seeds, self.sampling)
         out = batch.drop_columns(["prompt_len"]).take(pa.array(rows))
         out = out.append_column("sample_index", pa.array(sample_index, pa.int32()))
@@ -123,8 +117,6 @@ class ScoreBatch:
         return append_engine_columns(out, outputs, self.engine.ready_at)
 
     def _split(self, ids: np.ndarray, values: np.ndarray, n_prompt: int) -> dict[str, Any]:
-        from raykd.traces.engine import tail_mass
-
         # Row j describes token j + 1: completion token i (position n_prompt + i) is row n_prompt + i - 1.
         tail = slice(n_prompt - 1, None)
         head = slice(0, n_prompt - 1) if self.prompt_logprobs else slice(0, 0)
@@ -153,27 +145,15 @@ def append_engine_columns(table: pa.Table, outputs: list[dict[str, Any]], ready_
 # --- stage 3: answer check and segmentation -------------------------------------------------------------
 
 
-def trace_status(text: str, reference: str | None, finish_reason: str, kind: str) -> tuple[str, str | None]:
-    """(status, pred): 'truncated' when the teacher hit max_tokens, else the answer check's verdict
-    ('unparseable' also when there is no reference to check against)."""
-    from raykd.problems.answers import extract_answer, is_correct
-
-    pred = extract_answer(text, kind)  # type: ignore[arg-type]
-    if finish_reason == "length":
-        return "truncated", pred
-    if pred is None or reference is None:
-        return "unparseable", None
-    return ("correct" if is_correct(pred, reference, kind) else "wrong"), pred  # type: ignore[arg-type]
-
-
 def check_and_segment(batch: pa.Table, tokenizer_dir: str, check_kind: str) -> pa.Table:
     """Add status / pred (answer check), segments and segmentation metadata (raykd.segments) to trace rows.
 
     Rows that already hold ``segments`` (text sources, segmented by character offsets) keep them."""
+    from raykd.problems.answers import status
     from raykd.segments import Ragged, segment_ids
 
     verdicts = [
-        trace_status(t, r, f, check_kind)
+        status(t, r, f, check_kind)
         for t, r, f in zip(
             batch.column("completion_text").to_pylist(),
             batch.column("reference").to_pylist(),

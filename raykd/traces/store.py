@@ -42,6 +42,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raykd.files import write_json_atomic
+from raykd.problems.answers import STATUSES
+
 # Bump when the row schema or the meaning of a column changes: old folders are then simply not found.
 TRACE_FORMAT = 2
 # Files above this size are fingerprinted by size plus their first and last chunk (hashing 16 GB of
@@ -49,7 +52,6 @@ TRACE_FORMAT = 2
 FULL_HASH_LIMIT = 64 * 2**20
 EDGE_CHUNK = 8 * 2**20
 SHARD_META_KEY = b"raykd.shard"
-STATUSES = ("correct", "wrong", "unparseable", "truncated")
 # Columns of per-entry top-k values: byte-split before zstd (floats and rising ids compress far better so).
 TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "prompt_topk_ids", "prompt_topk_logprobs")
 ZSTD_LEVEL = 9  # shards are written once and read by every trial: a slower, tighter level pays
@@ -198,13 +200,6 @@ def open_store(
     shutil.rmtree(root / "tmp", ignore_errors=True)
     shards = [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
     return TraceStore(root=root, n_shards=len(shards), shard_problems=shards)
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def write_shard(store: TraceStore, shard: int, table: pa.Table, meta: dict[str, Any]) -> Path:

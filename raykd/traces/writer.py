@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raykd.problems.answers import STATUSES
 from raykd.traces.stages import SEGMENT_FIELDS
-from raykd.traces.store import STATUSES, TraceStore, sort_topk, trace_schema, write_shard
+from raykd.traces.store import TraceStore, sort_topk, trace_schema, write_shard
 
 INTERNAL_COLUMNS = ("shard", "ready_at")
 
