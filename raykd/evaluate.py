@@ -12,7 +12,6 @@ runs in this process and is shut down before returning.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from raykd.engine import checks
 from raykd.engine.config import EngineConfig, request_seed
 from raykd.engine.vllm_engine import run_engine
+from raykd.metrics import pass_at_1, pass_at_ks, truncated_share
 from raykd.problems.answers import STATUSES, status
 
 
@@ -31,7 +31,8 @@ class EvalResult:
     """accuracy: pass@1 averaged over the samples of each problem, then over problems; stderr: its standard
     error across problems (sample std / sqrt(n_problems)); counts: samples per status; end_of_turn: samples
     whose last token is the chat template's end-of-turn token (a completion that stopped where the format
-    ends a turn)."""
+    ends a turn); pass_at_k / pass_at_k_stderr: the unbiased pass@k (raykd.metrics) for k = 1, 2, 4, ...,
+    n_samples, empty with one sample; truncated_share: the share of samples that ran to max_tokens."""
 
     accuracy: float
     stderr: float
@@ -41,6 +42,9 @@ class EvalResult:
     completion_tokens: int = 0
     seconds: float = 0.0
     end_of_turn: int = 0
+    pass_at_k: dict[int, float] = field(default_factory=dict)
+    pass_at_k_stderr: dict[int, float] = field(default_factory=dict)
+    truncated_share: float = 0.0
 
     def share(self, status: str) -> float:
         """The share of all samples with this status (e.g. 'truncated': ran to max_tokens)."""
@@ -123,15 +127,16 @@ def summarize(
     seconds: float,
     end_of_turn: int | None = None,
 ) -> EvalResult:
-    """correct: (problems, samples) 0/1 -> accuracy, stderr across problems, counts."""
-    per_problem = correct.mean(axis=1)
-    n_problems = len(per_problem)
-    stderr = float(per_problem.std(ddof=1) / math.sqrt(n_problems)) if n_problems > 1 else 0.0
+    """correct: (problems, samples) 0/1 -> accuracy, stderr across problems, pass@k, counts."""
+    accuracy, at_k = pass_at_1(correct), pass_at_ks(correct)
     return EvalResult(
-        accuracy=float(per_problem.mean()),
-        stderr=stderr,
-        n_problems=n_problems,
+        accuracy=accuracy.mean,
+        stderr=accuracy.stderr,
+        n_problems=correct.shape[0],
         n_samples=correct.shape[1],
+        pass_at_k={k: e.mean for k, e in at_k.items()},
+        pass_at_k_stderr={k: e.stderr for k, e in at_k.items()},
+        truncated_share=truncated_share(o.get("finish_reason", "") for o in outputs),
         counts={s: statuses.count(s) for s in STATUSES},
         completion_tokens=int(sum(len(o["completion_ids"]) for o in outputs)),
         seconds=round(seconds, 2),
