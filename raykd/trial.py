@@ -180,6 +180,10 @@ def run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> Non
         # chat template does: a student that never learned to stop shows here
         "eval_counts": evaluation.counts,
         "eval_end_of_turn": evaluation.end_of_turn,
+        # unbiased pass@k, k = 1, 2, 4, ..., samples (none with one sample); the share cut at max_tokens
+        "pass_at_k": evaluation.pass_at_k,
+        "pass_at_k_stderr": evaluation.pass_at_k_stderr,
+        "eval_truncated_share": evaluation.truncated_share,
         "kept_tokens": train_metrics.get("kept_tokens"),
         "supervised_tokens": train_metrics.get("supervised_tokens"),
         "flops": train_metrics.get("flops"),
