@@ -250,12 +250,14 @@ def describe_sets(sets: list[EvalSet], heldout_size: int | None = None) -> str:
 def _key_of(error: ValueError, spec: EvalSetSpec) -> str:
     """The spec key a file error points at: the field option that names the file's missing or bad field."""
     field = getattr(error, "field", None)
+    if (
+        field is None
+    ):  # a file that cannot be read names no field; answers that do not parse are not in a file
+        return ".path" if getattr(error, "path", None) else ".answer_field"
     prompt, answer = spec.fields()
     keys = {prompt: "prompt_field", answer: "answer_field", spec.id_field: "id_field"}
     keys |= {spec.choices_field: "choices_field"} | dict.fromkeys(_distractors(spec), "distractor_fields")
-    if field in keys:
-        return f".{keys[field]}"
-    return ".path" if field is None and getattr(error, "path", None) else ".answer_field"
+    return f".{keys[field]}" if field in keys else ".path"
 
 
 def _distractors(spec: EvalSetSpec) -> list[str]:
