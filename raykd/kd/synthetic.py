@@ -148,20 +148,9 @@ def tiny_llama(
 ) -> Any:
     """A random LlamaForCausalLM (head_dim = hidden / heads >= 32 keeps vLLM's CPU attention happy)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raykd.embedded.recipe import ModelSize, new_llama
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
-        pad_token_id=PAD,
-        bos_token_id=None,
-        eos_token_id=EOS,
-    )
-    return LlamaForCausalLM(config).float()
+    size = ModelSize(layers=layers, hidden=hidden, heads=heads, intermediate=hidden * 2)
+    return new_llama(size, vocab, eos=EOS, pad=PAD, max_positions=max_positions)
