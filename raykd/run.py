@@ -16,7 +16,7 @@ from typing import Any
 
 from raykd.identity import plan_resume, run_identity
 from raykd.lock import FolderLocked, driver_lock
-from raykd.models import ModelError, ResolvedModel, forwarded_env, resolve_models
+from raykd.models import ModelError, ResolvedModel, check_pair, forwarded_env, resolve_models
 from raykd.plan import TRIAL_DRIVER, Plan, Trial
 from raykd.report import References, write_results
 from raykd.spec import SweepSpec
@@ -288,6 +288,7 @@ def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
     clock = StageClock()
     try:
         resolved = resolve_models(spec)  # hub ids -> local snapshots, before any Ray work
+        check_pair(spec, resolved)  # one vocabulary and a chat template, before Ray and any generation
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

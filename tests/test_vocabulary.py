@@ -188,3 +188,35 @@ def test_no_chat_template_anywhere_is_refused_naming_both_models(tokenizer_dir: 
     with_template = model_folder(tmp_path / "instruct", tokenizer_dir, n)
     with pytest.raises(checks.TraceSetupError, match=r"has no chat template \(student.model .* has one\)"):
         preflight(make_spec(), str(teacher), str(teacher), str(with_template))
+
+
+def test_sweep_without_any_chat_template_exits_2_before_ray(
+    tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command a user types: a base teacher and a base student (no template in either) exit 2 on the
+    driver, naming both spec keys and the fix, before Ray starts or any trace folder exists."""
+    import ray
+    import yaml
+    from transformers import AutoTokenizer
+
+    from raykd.sweep import main
+
+    n = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    teacher = base_student(tmp_path / "teacher", tokenizer_dir, n)
+    student = base_student(tmp_path / "student", tokenizer_dir, n)
+    data = {
+        "name": "no-template",
+        "problems": {"source": "builtin", "task": "cups", "train_size": 4, "eval_size": 2},
+        "teacher": {"model": str(teacher)},
+        "student": {"model": str(student)},
+        "sweep": {"truncation": [1.0], "segments": [["cot"]]},
+        "output": {"dir": str(tmp_path / "runs")},
+    }
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main([str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert f"teacher.model {teacher} has no chat template, nor has student.model {student}" in err
+    assert "use an instruct teacher (its tokenizer_config.json holds a chat_template)" in err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "runs" / "traces").exists()
