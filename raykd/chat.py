@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from raykd import _compat
+
 # Assistant content whose rendering shows what the template writes right after a turn.
 _SENTINEL = "RAYKDENDOFTURNPROBE"
 
@@ -36,7 +38,7 @@ def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     encoded = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
     )
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    return _compat.token_ids(encoded)
 
 
 def end_of_turn(tokenizer: Any) -> int | None:
