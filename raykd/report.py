@@ -100,12 +100,22 @@ AGGREGATE_COLUMNS = [
     "flops_saved_pct",
     "time_saved_pct",
     "n_failed",
+    # means over seeds of the evaluator's pass@k ({k: value}, k as text; none with one sample per problem)
+    # and of the share of eval samples cut at max tokens
+    "pass_at_k",
+    "truncated_share",
 ]
 
 
 def _mean(values: list[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return statistics.fmean(known) if known else None
+
+
+def _mean_by_key(values: list[dict[str, float]]) -> dict[str, float]:
+    """Per key, the mean over the dicts that all hold it (pass@k of trials that sampled alike)."""
+    shared = set.intersection(*(set(v) for v in values)) if values else set()
+    return {str(k): statistics.fmean(v[k] for v in values) for k in sorted(shared, key=int)}
 
 
 def _seed_stats(trials: list[dict[str, Any]]) -> tuple[float, float | None, float]:
@@ -177,6 +187,8 @@ def _aggregate(
     row |= {"accuracy_mean": mean, "accuracy_std": std, "accuracy_sem": sem}
     for col in ("kept_tokens", "flops", "train_s"):
         row[col] = _mean([r.get(col) for r in ok])
+    row["pass_at_k"] = _mean_by_key([{str(k): v for k, v in (r.get("pass_at_k") or {}).items()} for r in ok])
+    row["truncated_share"] = _mean([r.get("eval_truncated_share") for r in ok])
     if full is None:
         return row
     full_ok, _, (full_mean, _, full_sem) = full

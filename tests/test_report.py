@@ -154,3 +154,17 @@ def test_results_json_holds_trials_aggregates_references_and_models(tmp_path: Pa
     assert data["references"] == {"teacher_accuracy": 0.9, "student_base_accuracy": 0.2}
     assert data["models"] == refs.models
     assert set(data["aggregate_columns"]) == set(data["aggregates"][0])
+
+
+def test_aggregates_carry_mean_pass_at_k_and_truncated_share() -> None:
+    records = [
+        record(0.5, "CoT", 0.5, seed=0, pass_at_k={1: 0.5, 2: 0.7, 4: 0.8}, eval_truncated_share=0.1),
+        record(
+            0.5, "CoT", 0.6, seed=1, pass_at_k={"1": 0.6, "2": 0.9}, eval_truncated_share=0.3
+        ),  # from JSON
+        record(1.0, "CoT", 0.8, seed=0),
+    ]
+    aggs = {a["fraction"]: a for a in aggregate_rows(records)}
+    assert aggs[0.5]["pass_at_k"] == {"1": pytest.approx(0.55), "2": pytest.approx(0.8)}  # k both sampled
+    assert aggs[0.5]["truncated_share"] == pytest.approx(0.2)
+    assert aggs[1.0]["pass_at_k"] == {} and aggs[1.0]["truncated_share"] is None
