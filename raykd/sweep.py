@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from raykd.plan import describe_plan, make_plan
 from raykd.spec import SpecError, SweepSpec, field_help, load_spec
@@ -46,7 +47,42 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="validate the spec, print the plan, start nothing"
     )
     parser.add_argument("--spec-help", action="store_true", help="list every spec key with its description")
+    parser.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help="write here instead of the spec's output.dir (relative: to the current directory); under "
+        "`ray job submit`, give an absolute path on storage the cluster keeps",
+    )
     return parser
+
+
+def in_job_working_dir(cwd: Path) -> bool:
+    """Whether this driver runs in Ray's unpacked copy of `ray job submit --working-dir` (under the head's
+    <session>/runtime_resources/working_dir_files/), which Ray deletes when it needs the disk space."""
+    return "working_dir_files" in cwd.parts and "runtime_resources" in cwd.parts
+
+
+def choose_output_dir(spec: SweepSpec, output_dir: str | None, cwd: Path) -> SweepSpec:
+    """The spec with --output-dir applied; SpecError for results that would land in a job's working-dir copy
+    (a relative output.dir under `ray job submit`: the user's shell never sees that folder)."""
+    if output_dir is not None:
+        if "://" in output_dir:
+            raise SpecError("--output-dir", [f"--output-dir: {output_dir} is a URL; give a folder (a mount)"])
+        folder = Path(output_dir).expanduser()
+        folder = folder if folder.is_absolute() else cwd / folder
+        return spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(folder)})})
+    if in_job_working_dir(cwd) and Path(spec.output.dir).is_relative_to(cwd):
+        raise SpecError(
+            "output.dir",
+            [
+                f"output.dir: resolves to {spec.output.dir}, inside Ray's copy of the job's --working-dir, "
+                "which Ray deletes when it needs the space: give an absolute path on storage that stays (on "
+                "a cluster, the shared file system, e.g. output.dir: /mnt/raykd/runs), or pass --output-dir "
+                "with one, e.g. `ray job submit --working-dir . -- python -m raykd.sweep SPEC --output-dir "
+                "$PWD/runs` on a head on this machine",
+            ],
+        )
+    return spec
 
 
 def check_models(spec: SweepSpec) -> int:
@@ -74,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give a sweep spec, e.g. sweeps/tiny.yaml", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        spec = load_spec(args.spec)
+        spec = choose_output_dir(load_spec(args.spec), args.output_dir, Path.cwd())
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
