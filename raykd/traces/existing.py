@@ -28,7 +28,7 @@ from raykd.chat import end_of_turn, load_tokenizer
 from raykd.engine import checks
 from raykd.problems.tasks import Problem
 from raykd.traces.chain import engine_config, run_engines, start_ray, stream_to_shards, supervises_prompt
-from raykd.traces.stages import IDS, ScoreBatch, list_column, segment_meta
+from raykd.traces.stages import IDS, ScoreBatch, append_segments, list_column
 from raykd.traces.store import TraceStore
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -81,12 +81,7 @@ def tokenize_traces(batch: pa.Table, tokenizer_dir: str, max_tokens: int) -> pa.
     out = out.append_column("completion_ids", list_column(completions, IDS))
     out = out.append_column("completion_text", pa.array(decoded, pa.string()))
     out = out.append_column("prompt_len", pa.array(prompt_lens.astype(np.int32)))
-    labels = seg.labels()
-    out = out.append_column(
-        "segments", pa.ListArray.from_arrays(pa.array(seg.offsets.astype(np.int32)), pa.array(labels))
-    )
-    for name, values in segment_meta(seg).items():
-        out = out.append_column(name, pa.array(values))
+    out = append_segments(out, seg)
     return out.filter(pa.array(lengths - prompt_lens <= max_tokens))
 
 

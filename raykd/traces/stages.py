@@ -170,13 +170,18 @@ def check_and_segment(batch: pa.Table, tokenizer_dir: str, check_kind: str) -> p
     seg = segment_ids(
         Ragged.from_rows(sequences), np.array([len(p) for p in prompts]), think_tags(tokenizer_dir)
     )
-    labels = seg.labels()
-    batch = batch.append_column(
-        "segments", pa.ListArray.from_arrays(pa.array(seg.offsets.astype(np.int32)), pa.array(labels))
+    return append_segments(batch, seg)
+
+
+def append_segments(table: pa.Table, seg: Any) -> pa.Table:
+    """Add a segmentation (raykd.segments, one row per table row) as the ``segments`` column (run offsets
+    with their labels) and the metadata columns of `segment_meta`."""
+    table = table.append_column(
+        "segments", pa.ListArray.from_arrays(pa.array(seg.offsets.astype(np.int32)), pa.array(seg.labels()))
     )
     for name, values in segment_meta(seg).items():
-        batch = batch.append_column(name, pa.array(values))
-    return batch
+        table = table.append_column(name, pa.array(values))
+    return table
 
 
 def segment_meta(seg: Any) -> dict[str, np.ndarray]:
