@@ -81,21 +81,14 @@ def evaluate_student(
     checks.check_model_path(model_dir, "evaluated model")
     if not problems:
         raise ValueError("no eval problems; set problems.eval_size to at least 1")
-    tokenizer = chat.load_tokenizer(tokenizer_dir, trust_remote_code)
-    if not tokenizer.chat_template:
-        raise checks.SetupError(
-            f"evaluation: the tokenizer in {tokenizer_dir} has no chat template, so the prompts cannot be "
-            "rendered as the training prompts were; evaluate with the teacher's tokenizer (tokenizer_dir)"
-        )
+    tokenizer = chat_tokenizer(tokenizer_dir, trust_remote_code)
     prompts = [chat.chat_prompt_ids(tokenizer, p.prompt) for p in problems]
-    stops, end_of_turn = chat.stop_ids(tokenizer, model_dir), chat.end_of_turn(tokenizer)
     lengths = {p.id: len(ids) for p, ids in zip(problems, prompts, strict=True)}
     context = checks.model_context(model_dir)
-    max_model_len = checks.check_context(lengths, eval_spec.max_tokens, context, "evaluation", model_dir)
     config = EngineConfig(
         model=model_dir,
         tokenizer=tokenizer_dir,
-        max_model_len=max_model_len,
+        max_model_len=checks.check_context(lengths, eval_spec.max_tokens, context, "evaluation", model_dir),
         gpus=gpus,
         trust_remote_code=trust_remote_code,
         setting="evaluation",
@@ -104,20 +97,44 @@ def evaluate_student(
     n = eval_spec.samples
     requests = [(i, s) for i in range(len(problems)) for s in range(n)]
     seeds = [request_seed(problems[i].id, s) for i, s in requests]
-    sampling = {
-        "temperature": eval_spec.temperature,
-        "top_p": eval_spec.top_p,
-        "max_tokens": eval_spec.max_tokens,
-        "stop_token_ids": stops,
-    }
-    outputs = run_engine(config, [prompts[i] for i, _ in requests], seeds, sampling, num_cpus, resources)
+    outputs = run_engine(
+        config,
+        [prompts[i] for i, _ in requests],
+        seeds,
+        sampling(eval_spec, chat.stop_ids(tokenizer, model_dir)),
+        num_cpus,
+        resources,
+    )
     texts = tokenizer.batch_decode([o["completion_ids"] for o in outputs], skip_special_tokens=False)
     statuses = [
         status_of(text, problems[i].answer, out["finish_reason"], check_kind)
         for (i, _), text, out in zip(requests, texts, outputs, strict=True)
     ]
     correct = np.array([s == "correct" for s in statuses], np.float64).reshape(len(problems), n)
-    return summarize(correct, statuses, outputs, time.perf_counter() - start, end_of_turn)
+    return summarize(correct, statuses, outputs, time.perf_counter() - start, chat.end_of_turn(tokenizer))
+
+
+def chat_tokenizer(tokenizer_dir: str, trust_remote_code: bool) -> Any:
+    """The tokenizer whose chat template renders the prompts; refused without one."""
+    from raykd import chat
+
+    tokenizer = chat.load_tokenizer(tokenizer_dir, trust_remote_code)
+    if not tokenizer.chat_template:
+        raise checks.SetupError(
+            f"evaluation: the tokenizer in {tokenizer_dir} has no chat template, so the prompts cannot be "
+            "rendered as the training prompts were; evaluate with the teacher's tokenizer (tokenizer_dir)"
+        )
+    return tokenizer
+
+
+def sampling(eval_spec: Any, stops: list[int]) -> dict[str, Any]:
+    """vLLM sampling settings of evaluation: ids only (no logprobs), stopping on ``stops``."""
+    return {
+        "temperature": eval_spec.temperature,
+        "top_p": eval_spec.top_p,
+        "max_tokens": eval_spec.max_tokens,
+        "stop_token_ids": stops,
+    }
 
 
 def summarize(
