@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from raykd.kd import batching, step, synthetic
-from raykd.kd.batching import TrialData
-from raykd.kd.losses import KDLossConfig
+from raykd.kd import synthetic
+from raykd.kd.deepspeed_config import build_engine, ds_config, init_single_process
+from raykd.kd.examples import TRAIN_COLUMNS, Example, TrialData, prepare_examples, sort_by_key
+from raykd.spec import LossSpec, TrainingSpec
 
 
 def device() -> torch.device:
@@ -33,7 +34,7 @@ def init(dev: torch.device, threads: int) -> None:
     torch.set_num_threads(threads)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    step.init_single_process("nccl" if dev.type == "cuda" else "gloo", free_port())
+    init_single_process("nccl" if dev.type == "cuda" else "gloo", free_port())
 
 
 def trace_rows(traces: str | None, n: int, vocab: int, k: int, cot: tuple[int, int], seed: int) -> dict:
@@ -41,20 +42,16 @@ def trace_rows(traces: str | None, n: int, vocab: int, k: int, cot: tuple[int, i
     if traces:
         import pyarrow.parquet as pq
 
-        cols = [
-            c
-            for c in batching.TRAIN_COLUMNS
-            if c in pq.read_schema(next(Path(traces).glob("*.parquet"))).names
-        ]
+        cols = [c for c in TRAIN_COLUMNS if c in pq.read_schema(next(Path(traces).glob("*.parquet"))).names]
         return pq.read_table(traces, columns=cols).to_pydict()
     return synthetic.synthetic_rows(
         n, vocab=vocab, k=k, prompt_len=(32, 64), cot_len=cot, answer_len=(16, 32), seed=seed
     )
 
 
-def examples(rows: dict, fraction: float) -> list[batching.Example]:
-    prepared, _ = batching.prepare_examples(rows, TrialData(fraction=fraction))
-    return batching.sort_by_key(prepared)
+def examples(rows: dict, fraction: float) -> list[Example]:
+    prepared, _ = prepare_examples(rows, TrialData(fraction=fraction))
+    return sort_by_key(prepared)
 
 
 def load_model(folder: str | None, **tiny: Any) -> torch.nn.Module:
@@ -66,16 +63,9 @@ def load_model(folder: str | None, **tiny: Any) -> torch.nn.Module:
 
 
 def engine(model: torch.nn.Module, dev: torch.device, micro: int, accumulation: int, zero: int = 2) -> Any:
-    config = step.ds_config(
-        batch_size=micro * accumulation,
-        micro_batch_size=micro,
-        world_size=1,
-        zero_stage=zero,
-        lr=1e-4,
-        weight_decay=0.0,
-        bf16=dev.type == "cuda",
-    )
-    return step.build_engine(model.to(dev), KDLossConfig(), config)
+    training = TrainingSpec(batch_size=micro * accumulation, micro_batch_size=micro, zero_stage=zero, lr=1e-4)
+    config = ds_config(training, world_size=1, bf16=dev.type == "cuda")
+    return build_engine(model.to(dev), LossSpec(), config)
 
 
 def params(model: torch.nn.Module) -> int:

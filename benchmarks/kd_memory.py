@@ -52,7 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from raykd.kd.losses import KDLossConfig, TeacherHead, TopKTeacher, chunked_kd_loss
+from raykd.kd.losses import chunked_kd_loss
+from raykd.kd.teachers import TeacherHead, TopKTeacher
+from raykd.spec import LossSpec
 
 VARIANTS = ("ours", "naive", "ours_online")
 LAM = 0.5
@@ -126,16 +128,20 @@ def _naive(hidden: Tensor, weight: Tensor, targets: Tensor, teacher: TeacherHead
 
 def _runner(variant: str, inputs: dict[str, Any], args: argparse.Namespace) -> Callable[[int], Tensor]:
     """A function of the number of tokens to use that runs the variant's forward and returns its loss."""
-    config = KDLossConfig(lam=LAM, chunk_size=args.chunk_size)
+    config, chunk = LossSpec(kd_weight=LAM), args.chunk_size
     hidden, weight, targets, head = inputs["hidden"], inputs["weight"], inputs["targets"], inputs["teacher"]
     if variant == "naive":
         return lambda n: _naive(hidden[:n], weight, targets[:n], head.rows(0, n))
     if variant == "ours_online":
-        return lambda n: chunked_kd_loss(hidden[:n], weight, targets[:n], head.rows(0, n), config).mean_loss()
+        return lambda n: chunked_kd_loss(
+            hidden[:n], weight, targets[:n], head.rows(0, n), config, chunk_size=chunk
+        ).mean_loss()
     topk = _topk_teacher(head, args.k)
     inputs["topk_mass"] = float(topk.logprobs.exp().sum(-1).mean())
     inputs["teacher"] = None  # ours needs only the cache: the teacher head is not part of its inputs
-    return lambda n: chunked_kd_loss(hidden[:n], weight, targets[:n], topk.rows(0, n), config).mean_loss()
+    return lambda n: chunked_kd_loss(
+        hidden[:n], weight, targets[:n], topk.rows(0, n), config, chunk_size=chunk
+    ).mean_loss()
 
 
 # --------------------------------------------------------------------------------------- measurement

@@ -11,10 +11,11 @@ Method. Each variant ("off", "on") runs in a fresh subprocess (this file with --
 inherits the other's allocator state: a seeded random Llama (`raykd.kd.synthetic.tiny_llama`, >= 8 layers),
 `--sequences` synthetic traces of exactly `--length` tokens each, supervised on every segment, in one
 micro-batch, through `raykd.kd.step.train_step` (the Ray worker's step) on a DeepSpeed engine at world size 1
-(ZeRO-2; gloo and fp32 on CPU, NCCL and bf16 on GPU), checkpointing switched by `raykd.kd.step.build_engine`
-as the worker does it. A warm-up step allocates the optimizer state and thread pools; then the memory
-baseline is taken (`raykd.kd.step.PeakMemory`: VmHWM after clear_refs on CPU, with glibc's mmap threshold
-fixed so that freed tensors leave the resident set; max_memory_allocated on GPU) and one step is measured.
+(ZeRO-2; gloo and fp32 on CPU, NCCL and bf16 on GPU), checkpointing switched by
+`raykd.kd.deepspeed_config.build_engine` as the worker does it. A warm-up step allocates the optimizer
+state and thread pools; then the memory baseline is taken (`raykd.kd.memory.PeakMemory`: VmHWM after
+clear_refs on CPU, with glibc's mmap threshold fixed so that freed tensors leave the resident set;
+max_memory_allocated on GPU) and one step is measured.
 Losses compared: the warm-up step's (same forward) and the measured step's (after one update, so it also
 compares the gradients of the two variants).
 """
@@ -74,7 +75,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import _kd_bench as kb
 
     from raykd.kd import batching, step
-    from raykd.kd.losses import KDLossConfig
+    from raykd.kd.deepspeed_config import build_engine, ds_config
+    from raykd.kd.memory import PeakMemory, timed
+    from raykd.kd.model import ModelShape
+    from raykd.spec import LossSpec, TrainingSpec
 
     dev = kb.device()
     kb.init(dev, args.threads)
@@ -86,23 +90,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         heads=args.heads,
         max_positions=max(4096, args.length),
     )
-    shape = step.ModelShape.of(model)
+    shape = ModelShape.of(model)
     examples = kb.examples(_rows(args), 1.0)
     batch = [batching.collate(examples, args.k)]
-    config = step.ds_config(
-        batch_size=args.sequences,
-        micro_batch_size=args.sequences,
-        world_size=1,
-        zero_stage=2,
-        lr=1e-4,
-        weight_decay=0.0,
-        bf16=dev.type == "cuda",
-    )
-    engine = step.build_engine(model.to(dev), KDLossConfig(), config, checkpointing=args.variant == "on")
+    training = TrainingSpec(batch_size=args.sequences, micro_batch_size=args.sequences, zero_stage=2, lr=1e-4)
+    config = ds_config(training, world_size=1, bf16=dev.type == "cuda")
+    engine = build_engine(model.to(dev), LossSpec(), config, checkpointing=args.variant == "on")
     warm = step.train_step(engine, batch, dev, shape)
-    memory = step.PeakMemory(dev)
+    memory = PeakMemory(dev)
     memory.reset()
-    sums, seconds = step.timed(lambda: step.train_step(engine, batch, dev, shape), dev)
+    sums, seconds = timed(lambda: step.train_step(engine, batch, dev, shape), dev)
     return {
         "variant": args.variant,
         "peak_bytes": memory.above_baseline(),

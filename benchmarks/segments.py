@@ -56,7 +56,7 @@ def _batch(n: int, open_ids: list[int], close_ids: list[int], seed: int) -> tupl
 
 def _run(seqs: Ragged, prompt_lens: np.ndarray, tags: ThinkTags) -> None:
     seg = segment_ids(seqs, prompt_lens, tags)
-    windows = make_windows("lead", seg, 0.5)
+    windows = make_windows("lead_span", seg, 0.5)
     truncate_batch(seqs, seg, windows, ["cot"])
 
 

@@ -30,6 +30,7 @@ import _kd_bench as kb
 import torch
 
 from raykd.kd import batching, step
+from raykd.kd.model import ModelShape, OnlineTeacher
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -59,9 +60,9 @@ def _time_step(
     engine: Any,
     micros: list[batching.MicroBatch],
     dev: torch.device,
-    shape: step.ModelShape,
-    teacher: step.OnlineTeacher | None = None,
-    teacher_shape: step.ModelShape | None = None,
+    shape: ModelShape,
+    teacher: OnlineTeacher | None = None,
+    teacher_shape: ModelShape | None = None,
 ) -> float:
     start = time.perf_counter()
     step.train_step(engine, micros, dev, shape, teacher, teacher_shape)
@@ -87,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if scale < 4:
         raise SystemExit(f"the teacher has {scale:.1f}x the student's parameters; this benchmark wants >= 4x")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    teacher = step.OnlineTeacher(teacher_model.to(dev, dtype))
-    shapes = step.ModelShape.of(student), step.ModelShape.of(teacher_model)
+    teacher = OnlineTeacher(teacher_model.to(dev, dtype))
+    shapes = ModelShape.of(student), ModelShape.of(teacher_model)
     rows = kb.trace_rows(args.traces, args.sequences, args.vocab, args.k, tuple(args.cot), seed=0)
     examples = kb.examples(rows, 1.0)
     k = examples[0].topk_ids.shape[1]

@@ -13,8 +13,8 @@ another's allocator state: the same synthetic traces (seeded; chains of thought 
 activations matter) or the Parquet traces given, the same student (a seeded tiny Llama, or the folder given),
 the lead-span policy with every segment supervised, and `raykd.kd.step.train_step` (the Ray worker's step) on
 a DeepSpeed engine at world size 1, ZeRO-2. One warm-up step allocates the optimizer state and thread pools;
-then the memory baseline is taken (raykd.kd.step.PeakMemory: VmHWM after clear_refs on CPU, with glibc's mmap
-threshold fixed so that freed tensors leave the resident set; max_memory_allocated on GPU) and `--epochs`
+then the memory baseline is taken (raykd.kd.memory.PeakMemory: VmHWM after clear_refs on CPU, with glibc's
+mmap threshold fixed so that freed tensors leave the resident set; max_memory_allocated on GPU) and `--epochs`
 epochs are timed; the fastest counts (the machine may be shared).
 """
 
@@ -57,11 +57,13 @@ def run_fraction(args: argparse.Namespace, fraction: float) -> dict[str, Any]:
     import _kd_bench as kb
 
     from raykd.kd import batching, step
+    from raykd.kd.memory import PeakMemory
+    from raykd.kd.model import ModelShape
 
     dev = kb.device()
     kb.init(dev, args.threads)
     model = kb.load_model(args.student, vocab=args.vocab, hidden=args.hidden, layers=args.layers)
-    shape = step.ModelShape.of(model)
+    shape = ModelShape.of(model)
     rows = kb.trace_rows(args.traces, args.sequences, args.vocab, args.k, tuple(args.cot), seed=0)
     examples = kb.examples(rows, fraction)
     k = examples[0].topk_ids.shape[1]
@@ -77,7 +79,7 @@ def run_fraction(args: argparse.Namespace, fraction: float) -> dict[str, Any]:
         dev,
         shape,
     )
-    memory = step.PeakMemory(dev)
+    memory = PeakMemory(dev)
     memory.reset()
     times, sums = [], {}
     for epoch in range(1, args.epochs + 1):

@@ -20,7 +20,7 @@ from typing import Any
 from raykd.plan import Trial
 from raykd.spec import SweepSpec
 from raykd.traces.store import fingerprint_path, problems_digest
-from raykd.trial import read_record, read_started, retire
+from raykd.trial import OK, read_record, read_started, retire
 
 # Training keys that change how a trial runs or what it keeps, not what it computes: changing one (say,
 # turning gradient checkpointing on after an out-of-memory error, which recomputes the same activations)
@@ -130,7 +130,7 @@ def plan_resume(spec: SweepSpec, trials: list[Trial], output_dir: str, shared: d
             resume.changed[trial.trial_id] = changed_keys(previous.get("settings"), settings)
             moved = retire(output_dir, trial.trial_id, previous.get("fingerprint"))
             _log_changed(trial.trial_id, resume.changed[trial.trial_id], moved)
-        elif record is not None and record["status"] == "ok":
+        elif record is not None and record["status"] == OK:
             continue
         resume.pending.append(trial)
     return resume

@@ -1,11 +1,25 @@
-"""The plan of a sweep: the grid of trials and the resources they ask Ray for. Pure Python, no Ray."""
+"""The plan of a sweep: the grid of trials, the resources they ask Ray for, and each trial's `TrialConfig`.
+Pure Python and pydantic, no Ray."""
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from raykd.spec import SEGMENT_SHORT, SweepAxes, SweepSpec
+from pydantic import Field
+
+from raykd.spec import (
+    SEGMENT_SHORT,
+    AnswerCheck,
+    EvaluationSpec,
+    ResourcesSpec,
+    Section,
+    SweepAxes,
+    SweepSpec,
+    TrainingSpec,
+)
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,126 @@ def make_plan(spec: SweepSpec) -> Plan:
         concurrent=min(axes.max_concurrent_trials, len(trials)),
         generation=engine * gen.engines,
         output_dir=f"{spec.output.dir.rstrip('/')}/{spec.name}",
+    )
+
+
+class ModelPaths(Section):
+    """The trial's models as local folders (hub ids resolved on the driver), and how results name them."""
+
+    student_dir: str = Field(description="The base student, a Hugging Face folder.")
+    teacher_dir: str = Field(description="The teacher's folder (the online teacher; its tokenizer).")
+    tokenizer_dir: str = Field(description="The tokenizer and chat template the traces were made with.")
+    trust_remote_code: bool = Field(False, description="student.trust_remote_code: run the models' own code.")
+    teacher_label: str = Field("embedded", description="'org/name@<commit>', a folder, or 'embedded'.")
+    student_label: str = Field("embedded", description="'org/name@<commit>', a folder, or 'embedded'.")
+
+
+class EvalEngine(Section):
+    """The one vLLM engine that evaluates a trained student."""
+
+    gpus: int = Field(ge=0, description="GPUs of the engine: 1 where the teacher's engines use GPUs, else 0.")
+    resources: dict[str, float] = Field({}, description="generation.engine_resources: the same node type.")
+
+
+class RunSettings(Section):
+    """Settings of the Ray Train run that sweeps keep at these defaults; tests and benchmarks change them."""
+
+    grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clipping (0: none).")
+    loss_chunk_size: int = Field(1024, ge=1, description="Positions per vocabulary-projection chunk.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (checkpoints).")
+    keep_checkpoints: int = Field(2, ge=1, description="Ray Train checkpoints kept per trial.")
+
+
+class TrialConfig(Section):
+    """Everything one trial runs with, built once on the driver from the validated spec (`trial_config`).
+
+    Tune hands its dump to `raykd.trial.run_trial`, which hands it on to each Ray Train worker; both validate
+    it once and give every component its section: the loss `training.kd`, DeepSpeed `training`, the
+    examples the grid point, evaluation `evaluation` and `eval_engine`.
+    """
+
+    fraction: float = Field(gt=0, le=1, description="The grid point: the share of each sequence kept.")
+    segments: tuple[str, ...] = Field(description="The grid point: supervised segments, in segment order.")
+    seed: int = Field(description="The grid point: the training seed.")
+    output_dir: str = Field(description="The sweep's output folder (output.dir/<name>), absolute.")
+    traces_path: str = Field(description="The segmented trace folder (Parquet) every trial trains on.")
+    eval_problems_path: str = Field(description="The held-out problems, JSONL.")
+    training: TrainingSpec
+    resources: ResourcesSpec
+    evaluation: EvaluationSpec
+    answer_check: AnswerCheck
+    models: ModelPaths
+    eval_engine: EvalEngine
+    identity: dict[str, Any] = Field({}, description="Fingerprint and settings (raykd.identity).")
+    run: RunSettings = Field(default_factory=RunSettings)
+
+    @property
+    def trial(self) -> Trial:
+        return Trial(self.fraction, self.segments, self.seed)
+
+    @property
+    def trial_id(self) -> str:
+        return self.trial.trial_id
+
+    @property
+    def folder(self) -> Path:
+        """The trial's own folder: record, Ray Train checkpoints, the trained student."""
+        return Path(self.output_dir) / "trials" / self.trial_id
+
+    @property
+    def student_out(self) -> str:
+        return str(self.folder / "student")
+
+    @property
+    def tensorboard_dir(self) -> str:
+        return str(Path(self.output_dir) / "tensorboard" / self.trial_id)
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.resources.gpus_per_worker > 0
+
+    @property
+    def checkpointing(self) -> bool:
+        """Gradient checkpointing as run: 'auto' means on GPUs (activations dominate there), off on CPU."""
+        setting = self.training.gradient_checkpointing
+        return self.use_gpu if setting == "auto" else bool(setting)
+
+    @property
+    def step_sequences(self) -> int:
+        """Sequences each worker takes per optimizer step (batch_size is summed over workers)."""
+        return self.training.batch_size // self.resources.workers_per_trial
+
+
+def trial_config(
+    spec: SweepSpec,
+    plan: Plan,
+    trial: Trial,
+    models: ModelPaths,
+    paths: dict[str, str],
+    identity: dict[str, Any] | None = None,
+) -> TrialConfig:
+    """One trial's config from the validated spec, its grid point and the resolved models.
+
+    paths: 'traces_path' and 'eval_problems_path'. The student is evaluated by one vLLM engine: one GPU where
+    the teacher's engines use GPUs, on the same node type (custom resources).
+    """
+    return TrialConfig(
+        fraction=trial.fraction,
+        segments=trial.segments,
+        seed=trial.seed,
+        output_dir=plan.output_dir,
+        traces_path=paths["traces_path"],
+        eval_problems_path=paths["eval_problems_path"],
+        training=spec.training,
+        resources=spec.resources,
+        evaluation=spec.evaluation,
+        answer_check=spec.problems.answer_check,
+        models=models,
+        eval_engine=EvalEngine(
+            gpus=min(1, spec.generation.gpus_per_engine), resources=spec.generation.engine_resources
+        ),
+        identity=identity or {},
     )
 
 

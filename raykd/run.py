@@ -10,18 +10,19 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from raykd import _compat
+from raykd.files import write_json_atomic
 from raykd.identity import plan_resume, run_identity
 from raykd.lock import FolderLocked, driver_lock
 from raykd.models import ModelError, ResolvedModel, check_pair, forwarded_env, resolve_models
-from raykd.plan import TRIAL_DRIVER, Plan, Trial
+from raykd.plan import TRIAL_DRIVER, ModelPaths, Plan, TrialConfig, trial_config
 from raykd.report import References, write_results
 from raykd.spec import SweepSpec
-from raykd.traces.store import write_json_atomic
-from raykd.trial import mark_started, read_record, run_trial, write_record
+from raykd.trial import FAILED, OK, mark_started, read_record, record_head, run_trial, write_record
 
 # Settings every Ray process needs; set before ray.init so local workers inherit them.
 RAY_ENV = {
@@ -30,9 +31,8 @@ RAY_ENV = {
     "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
     # vLLM's INFO lines (several dozen per engine start) bury the sweep's own progress; warnings still show.
     "VLLM_LOGGING_LEVEL": "WARNING",
-    # Train V2 sends a worker's print() both to Ray's stdout forwarding and to its logger, so each progress
-    # line reached the console twice; with the patch off it is printed once (and still lands in its log).
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Each Train V2 worker's print() once on the console, not twice (a Ray 2.60 workaround).
+    **_compat.RAY_PRINT_ONCE_ENV,
 }
 CPU_ENV = {"DS_ACCELERATOR": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
@@ -169,54 +169,35 @@ def load_problems(spec: SweepSpec) -> tuple[list[Any], list[Any]]:
     return train_part, eval_part
 
 
-def trial_config(
-    spec: SweepSpec, plan: Plan, trial: Trial, models: Models, traces_path: str, eval_path: str
-) -> dict[str, Any]:
-    train = spec.training
-    return {
-        "trial": {**asdict(trial), "trial_id": trial.trial_id, "segments_label": trial.segments_label},
-        "output_dir": plan.output_dir,
-        "traces_path": traces_path,
-        "train": {
-            **train.model_dump(exclude={"kd"}),
-            **train.kd.model_dump(),
-            "policy": train.truncation_policy,
-            "tokenizer_dir": models.tokenizer_dir,
-            "student_dir": models.student_dir,
-            "teacher_dir": models.teacher_dir,
-            "trust_remote_code": spec.student.trust_remote_code,
-            **spec.resources.model_dump(exclude={"num_cpus"}),
-        },
-        "evaluation": spec.evaluation.model_dump(),
-        # The (smaller) student is evaluated by one vLLM engine: one GPU where the teacher's engines use GPUs,
-        # on the same node type (custom resources).
-        "engine": {
-            "gpus": min(1, spec.generation.gpus_per_engine),
-            "resources": spec.generation.engine_resources,
-        },
-        "check": spec.problems.answer_check,
-        "eval_problems_path": eval_path,
-        # Named in each trial's record and in results.csv: 'org/name@<commit>' for hub models.
-        "models": {"teacher": models.teacher_label, "student": models.student_label},
-    }
+def model_paths(spec: SweepSpec, models: Models) -> ModelPaths:
+    """The trials' view of the models: local folders, and how results name them."""
+    return ModelPaths(
+        student_dir=models.student_dir,
+        teacher_dir=models.teacher_dir,
+        tokenizer_dir=models.tokenizer_dir,
+        trust_remote_code=spec.student.trust_remote_code,
+        teacher_label=models.teacher_label,
+        student_label=models.student_label,
+    )
 
 
 def _trial_name(trial: Any) -> str:
     return trial.config["trial"]
 
 
-def run_trials(spec: SweepSpec, plan: Plan, configs: list[dict[str, Any]]) -> None:
+def run_trials(spec: SweepSpec, plan: Plan, configs: list[TrialConfig]) -> None:
     """Run the pending trials in a Tune grid; a failed trial gets a 'failed' record, the others go on."""
     from ray import tune
 
     # Ctrl-C must end the sweep at once (raykd.run.run_sweep stops Ray): Tune's own handler would instead
     # wait for every running trial to stop and save its state.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    # The trial holds no CPU, a unit of the head's resource; its trainer and evaluator ask for their own.
-    by_id = {c["trial"]["trial_id"]: c for c in configs}
+    by_id = {c.trial_id: c for c in configs}
     # Tune's grid (and its console table) is over trial ids only; each trial looks its config up by id.
+    # The trial holds no CPU, a unit of the head's resource; its trainer and evaluator ask for their own.
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, configs=by_id), {"cpu": TRIAL_DRIVER.cpus, HEAD_RESOURCE: 1}
+        tune.with_parameters(run_trial, configs={tid: c.model_dump() for tid, c in by_id.items()}),
+        {"cpu": TRIAL_DRIVER.cpus, HEAD_RESOURCE: 1},
     )
     tuner = tune.Tuner(
         trainable,
@@ -234,26 +215,12 @@ def run_trials(spec: SweepSpec, plan: Plan, configs: list[dict[str, Any]]) -> No
             verbose=1,
         ),
     )
-    grid = tuner.fit()
-    for result in grid:
+    for result in tuner.fit():
         cfg = by_id[result.config["trial"]]
-        finished = (read_record(plan.output_dir, cfg["trial"]["trial_id"]) or {}).get("status") == "ok"
+        finished = (read_record(plan.output_dir, cfg.trial_id) or {}).get("status") == OK
         if result.error is not None and not finished:
-            trial = cfg["trial"]
-            write_record(
-                plan.output_dir,
-                trial["trial_id"],
-                {
-                    "trial_id": trial["trial_id"],
-                    "fraction": trial["fraction"],
-                    "segments": trial["segments_label"],
-                    "seed": trial["seed"],
-                    "status": "failed",
-                    "error": str(result.error).strip().splitlines()[-1][:300],
-                    **cfg.get("identity", {}),
-                    **cfg.get("models", {}),
-                },
-            )
+            error = str(result.error).strip().splitlines()[-1][:300]
+            write_record(plan.output_dir, cfg.trial_id, {**record_head(cfg, FAILED), "error": error})
 
 
 def run_sweep(spec: SweepSpec, plan: Plan) -> int:
@@ -322,15 +289,22 @@ def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
     eval_path.write_text("".join(json.dumps(asdict(p)) + "\n" for p in eval_problems))
 
     shared = run_identity(models, traces.key, eval_problems)
+    if models.teacher_accuracy is None:  # hub or folder models: measured once per output folder
+        from raykd import references
+
+        teacher_acc, student_acc = references.measure(spec, models, eval_problems, out, shared)
+        models = replace(models, teacher_accuracy=teacher_acc, student_accuracy=student_acc)
+        clock.lap("references")
     resume = plan_resume(spec, plan.trials, plan.output_dir, shared)
     pending = resume.pending
     _log(f"{len(plan.trials) - len(pending)} trial(s) already finished, {len(pending)} to run")
     if pending:
+        paths = {"traces_path": str(traces.path), "eval_problems_path": str(eval_path)}
         configs = []
         for t in pending:
-            mark_started(plan.output_dir, t.trial_id, resume.identities[t.trial_id])
-            config = trial_config(spec, plan, t, models, str(traces.path), str(eval_path))
-            configs.append(config | {"identity": resume.identities[t.trial_id]})
+            identity = resume.identities[t.trial_id]
+            mark_started(plan.output_dir, t.trial_id, identity)
+            configs.append(trial_config(spec, plan, t, model_paths(spec, models), paths, identity))
         run_trials(spec, plan, configs)
     clock.lap("trials")
 
@@ -347,7 +321,7 @@ def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
     total = clock.write(out)
     stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in clock.stages.items())
     print(f"wall time: {total:.0f} s ({stages}; {out / 'timings.json'})")
-    incomplete = len(done) < len(plan.trials) or any(r["status"] != "ok" for r in done)
+    incomplete = len(done) < len(plan.trials) or any(r["status"] != OK for r in done)
     if incomplete:
         print("sweep incomplete: run the same command again to retry the failed or missing trials")
     return 1 if incomplete else 0

@@ -51,6 +51,7 @@ import numpy as np
 
 PROMPT, COT, ANSWER = 0, 1, 2
 SEGMENTS: dict[str, int] = {"prompt": PROMPT, "cot": COT, "answer": ANSWER}
+SEGMENT_NAMES = tuple(SEGMENTS)  # in code order: SEGMENT_NAMES[PROMPT] == "prompt"
 # Whitespace tokens tolerated between an open and a close tag (empty CoT) or after a prompt's open tag.
 MAX_SPACE_GAP = 8
 

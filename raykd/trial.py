@@ -12,11 +12,18 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from raykd.files import write_json_atomic
+
+if TYPE_CHECKING:
+    from raykd.plan import TrialConfig
 
 RECORD = "result.json"
 RECORD_KEYS = {"trial_id", "status", "fraction", "segments", "seed"}  # what the table needs
 STARTED = "started.json"  # the identity (fingerprint, settings) a trial was started with
+OK, FAILED = "ok", "failed"
+STATUSES = (OK, FAILED)  # a trial's record: finished with a result, or failed (the error names why)
 
 
 def trial_dir(output_dir: str, trial_id: str) -> Path:
@@ -51,11 +58,7 @@ def read_started(output_dir: str, trial_id: str) -> dict[str, Any] | None:
 
 def mark_started(output_dir: str, trial_id: str, identity: dict[str, Any]) -> None:
     """Note the settings a trial starts with, so a later run knows whose checkpoints its folder holds."""
-    folder = trial_dir(output_dir, trial_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{STARTED}.tmp"
-    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
-    os.replace(tmp, folder / STARTED)
+    write_json_atomic(trial_dir(output_dir, trial_id) / STARTED, identity)
 
 
 def retire(output_dir: str, trial_id: str, fingerprint: str | None) -> Path:
@@ -77,11 +80,23 @@ def retire(output_dir: str, trial_id: str, fingerprint: str | None) -> Path:
 
 def write_record(output_dir: str, trial_id: str, record: dict[str, Any]) -> None:
     """Atomically: a crash mid-write never leaves a record that claims the trial finished."""
-    folder = trial_dir(output_dir, trial_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, folder / RECORD)
+    write_json_atomic(trial_dir(output_dir, trial_id) / RECORD, record, sort_keys=False)
+
+
+def record_head(cfg: TrialConfig, status: str) -> dict[str, Any]:
+    """What every record of a trial starts with: its grid point, status, settings and models."""
+    trial = cfg.trial
+    return {
+        "trial_id": trial.trial_id,
+        "fraction": trial.fraction,
+        "segments": trial.segments_label,
+        "seed": trial.seed,
+        "status": status,
+        **cfg.identity,  # fingerprint and settings: what this result belongs to
+        # teacher / student as 'org/name@<commit>' (or folder, 'embedded'), as results.csv names them
+        "teacher": cfg.models.teacher_label,
+        "student": cfg.models.student_label,
+    }
 
 
 def drop_checkpoints(output_dir: str, trial_id: str) -> int:
@@ -117,73 +132,30 @@ def check_traces(traces_path: str) -> None:
 
 def run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:
     """Tune function trainable (through ``tune.with_parameters``). ``config["trial"]`` is the trial id, and
-    ``configs[id]`` holds everything (no globals): the grid point, training settings, model paths, the traces
-    folder and the eval problems file."""
-    import ray
+    ``configs[id]`` its `raykd.plan.TrialConfig` dump, validated here once (no globals)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raykd.evaluate import evaluate_student
+    from raykd._compat import quiet_ray_data_progress
     from raykd.kd.trainer import build_trainer
-    from raykd.problems.tasks import Problem
-    from raykd.spec import EvaluationSpec
+    from raykd.plan import TrialConfig
 
-    config = configs[config["trial"]]
-    trial = config["trial"]
-    out = config["output_dir"]
+    cfg = TrialConfig.model_validate(configs[config["trial"]])
     start = time.time()
-    train_cfg = dict(
-        config["train"], fraction=trial["fraction"], segments=trial["segments"], seed=trial["seed"]
-    )
-    train_cfg["student_out"] = str(trial_dir(out, trial["trial_id"]) / "student")
-    train_cfg["tensorboard_dir"] = str(Path(out) / "tensorboard" / trial["trial_id"])
-    # Reading the traces into the workers takes seconds; its progress bars and execution banners, one set per
-    # trial and epoch, would bury the step lines on the console (the Ray dashboard still shows the dataset).
-    data_context = ray.data.DataContext.get_current()
-    data_context.enable_progress_bars = False
-    data_context.print_on_execution_start = False
-    check_traces(config["traces_path"])
-    trainer = build_trainer(
-        train_cfg,
-        datasets={"train": ray.data.read_parquet(config["traces_path"])},
-        storage_path=str(Path(out) / "trials"),
-        name=trial["trial_id"],
-        callbacks=[TuneReportCallback()],
-    )
+    quiet_ray_data_progress()  # one set of bars per trial and epoch would bury the step lines
+    check_traces(cfg.traces_path)
+    trainer = build_trainer(cfg, {"train": _read_traces(cfg.traces_path)}, callbacks=[TuneReportCallback()])
     train_metrics = trainer.fit().metrics or {}
     eval_start = time.time()
-    lines = Path(config["eval_problems_path"]).read_text().splitlines()
-    problems = [Problem(**json.loads(line)) for line in lines]
-    eval_spec = EvaluationSpec(**config["evaluation"])
-    engine = config["engine"]
-    evaluation = evaluate_student(
-        train_metrics["student_dir"],
-        problems,
-        eval_spec,
-        config["check"],
-        gpus=engine["gpus"],
-        resources=engine["resources"],
-        trust_remote_code=config["train"]["trust_remote_code"],
-        log_file=str(trial_dir(out, trial["trial_id"]) / "eval_engine.log"),
-    )
+    evaluation = _evaluate(cfg, train_metrics["student_dir"])
     record = {
-        "trial_id": trial["trial_id"],
-        "fraction": trial["fraction"],
-        "segments": trial["segments_label"],
-        "seed": trial["seed"],
-        "status": "ok",
-        **config.get("identity", {}),  # fingerprint and settings: what this result belongs to
-        **config.get("models", {}),  # teacher / student as 'org/name@<commit>' (or folder, 'embedded')
+        **record_head(cfg, OK),
         "accuracy": evaluation.accuracy,
         "stderr": evaluation.stderr,
         # statuses of the eval samples ('truncated': ran to max_tokens) and how many ended their turn as the
         # chat template does: a student that never learned to stop shows here
         "eval_counts": evaluation.counts,
         "eval_end_of_turn": evaluation.end_of_turn,
-        # unbiased pass@k, k = 1, 2, 4, ..., samples (none with one sample); the share cut at max_tokens
-        "pass_at_k": evaluation.pass_at_k,
-        "pass_at_k_stderr": evaluation.pass_at_k_stderr,
-        "eval_truncated_share": evaluation.truncated_share,
         "kept_tokens": train_metrics.get("kept_tokens"),
         "supervised_tokens": train_metrics.get("supervised_tokens"),
         "flops": train_metrics.get("flops"),
@@ -195,7 +167,31 @@ def run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> Non
         "train_node": train_metrics.get("node_id"),  # the Ray node of training rank 0
         "train_metrics": {k: v for k, v in train_metrics.items() if isinstance(v, int | float | str)},
     }
-    write_record(out, trial["trial_id"], record)
-    if not config["train"].get("keep_optimizer_state", False):  # only now: the record says it finished
-        drop_checkpoints(out, trial["trial_id"])
+    write_record(cfg.output_dir, cfg.trial_id, record)
+    if not cfg.training.keep_optimizer_state:  # only now: the record says it finished
+        drop_checkpoints(cfg.output_dir, cfg.trial_id)
     tune.report({"accuracy": evaluation.accuracy, "stderr": evaluation.stderr, "done": True})
+
+
+def _read_traces(path: str) -> Any:
+    import ray
+
+    return ray.data.read_parquet(path)
+
+
+def _evaluate(cfg: TrialConfig, student_dir: str) -> Any:
+    """The trained student on the held-out problems, with the spec's evaluation settings."""
+    from raykd.evaluate import evaluate_student
+    from raykd.problems.tasks import Problem
+
+    lines = Path(cfg.eval_problems_path).read_text().splitlines()
+    return evaluate_student(
+        student_dir,
+        [Problem(**json.loads(line)) for line in lines],
+        cfg.evaluation,
+        cfg.answer_check,
+        gpus=cfg.eval_engine.gpus,
+        resources=cfg.eval_engine.resources,
+        trust_remote_code=cfg.models.trust_remote_code,
+        log_file=str(cfg.folder / "eval_engine.log"),
+    )

@@ -4,15 +4,17 @@ A policy gives each example a keep window [start, end) of its full sequence (pos
 sequence start). Truncation then removes every token outside the window (`take_windows` gathers the kept
 tokens of any per-token array: ids, labels, the teacher's top-k), so the forward pass shrinks with it; nothing
 is only masked. Policies:
-- "lead": the first ceil(f * L) tokens of the whole sequence, prompt included, at least 1 (the paper's
+- "lead_span": the first ceil(f * L) tokens of the whole sequence, prompt included, at least 1 (the paper's
   lead-span proportion; it truncates with int(f * L), we round up so that no example is ever empty). f is
   read as the nearest fraction with a denominator of at most 10**6, so 0.3 means exactly 3/10.
-- "left" / "middle" / "right": a window of the same length ceil(f * L) at the start, centre (floor of the
-  slack on the left) or end of the sequence (the paper's left/middle/right 50% ablation at f = 0.5).
+- "window_left" / "window_middle" / "window_right": a window of the same length ceil(f * L) at the start,
+  centre (floor of the slack on the left) or end of the sequence (the paper's left/middle/right 50% ablation
+  at f = 0.5).
 - "cut_after_think": everything up to the end of the last `</think>`, i.e. the answer dropped (with no think
   tag at all the completion is the answer, so only the prompt is left; at least 1 token).
-- "full": the whole sequence. With `budget_matched` it gives the token-budget matched control: full-length
-  examples, only as many as fit the token budget of a lead-span run at fraction f.
+- "budget_matched": the whole sequence; `budget_matched` (the function) then picks the token-budget matched
+  control: full-length examples, only as many as fit the token budget of a lead-span run at fraction f.
+These are the names the spec accepts (training.truncation_policy).
 
 Loss masks mark target tokens: mask[t] means token t is a label, predicted from position t - 1, so the first
 token of every kept window is never marked (nothing predicts it). Labels only on the chosen segments, after
@@ -29,7 +31,13 @@ import numpy as np
 
 from raykd.segments import ANSWER, COT, PROMPT, SEGMENTS, Ragged, Segmentation, segment_labels
 
-POLICIES = ("lead", "left", "middle", "right", "cut_after_think", "full")
+POLICIES = ("lead_span", "window_left", "window_middle", "window_right", "cut_after_think", "budget_matched")
+_WINDOWS = {
+    "lead_span": "left",
+    "window_left": "left",
+    "window_middle": "middle",
+    "window_right": "right",
+}
 _MAX_DENOMINATOR = 10**6
 
 
@@ -77,13 +85,14 @@ def cut_after_think(seg: Segmentation) -> Windows:
 
 
 def make_windows(policy: str, seg: Segmentation, fraction: float = 1.0) -> Windows:
-    """Keep windows for one of POLICIES ("lead" = "left"); fraction is ignored by cut_after_think and full."""
+    """Keep windows for one of POLICIES (lead_span = window_left); cut_after_think and budget_matched ignore
+    the fraction."""
     lengths = seg.lengths
-    if policy in ("lead", "left", "middle", "right"):
-        return window(lengths, fraction, "left" if policy == "lead" else policy)
+    if policy in _WINDOWS:
+        return window(lengths, fraction, _WINDOWS[policy])
     if policy == "cut_after_think":
         return cut_after_think(seg)
-    if policy == "full":
+    if policy == "budget_matched":
         return Windows(np.zeros_like(lengths), lengths.copy())
     raise ValueError(f"truncation policy {policy!r} is not one of {list(POLICIES)}")
 

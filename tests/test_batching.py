@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from raykd.kd import batching
-from raykd.kd.batching import TrialData
+from raykd.kd.examples import Example, PrepStats, TrialData, prepare_examples, select_budget, sort_by_key
 from raykd.kd.synthetic import EOS, THINK_CLOSE, THINK_OPEN, synthetic_rows
 from raykd.segments import ANSWER, COT, PROMPT
 
@@ -40,8 +40,8 @@ def _rows(*rows: dict) -> dict[str, list]:
     return cols
 
 
-def _prepare(rows: dict, **trial) -> tuple[list[batching.Example], batching.PrepStats]:
-    return batching.prepare_examples(rows, TrialData(**trial))
+def _prepare(rows: dict, **trial) -> tuple[list[Example], PrepStats]:
+    return prepare_examples(rows, TrialData(**trial))
 
 
 def test_lead_span_cot_mask_exact_example():
@@ -135,8 +135,8 @@ def test_random_label_mask_drops_labels_not_compute_and_ignores_batching():
 def test_budget_matched_keeps_full_sequences_within_the_lead_span_budget():
     rows = synthetic_rows(30, vocab=64, k=2, seed=2)
     trial = TrialData(fraction=0.5, policy="budget_matched")
-    examples, _ = batching.prepare_examples(rows, trial)
-    kept, dropped = batching.select_budget(batching.sort_by_key(examples), trial)
+    examples, _ = prepare_examples(rows, trial)
+    kept, dropped = select_budget(sort_by_key(examples), trial)
     budget = sum(math.ceil(0.5 * e.full_tokens) for e in examples)
     assert all(e.kept_tokens == e.full_tokens for e in kept)
     assert sum(e.full_tokens for e in kept) <= budget

@@ -76,7 +76,6 @@ def test_base_student_is_trained_saved_and_evaluated_in_the_teachers_format(
             student_dir=str(base),
             teacher_dir=str(teacher),
             tokenizer_dir=str(teacher),
-            student_out=str(tmp_path / "trained"),
             teacher_signal="online",
             workers_per_trial=1,
             batch_size=4,
@@ -87,7 +86,7 @@ def test_base_student_is_trained_saved_and_evaluated_in_the_teachers_format(
             checkpoint_every=100,
         )
         data = {"train": ray.data.read_parquet(str(traces.path))}
-        result = build_trainer(cfg, data, str(tmp_path / "runs"), "chat").fit()
+        result = build_trainer(cfg, data).fit()
         student = Path(result.metrics["student_dir"])
         assert result.metrics["step"] == 4 and result.metrics["kd"] > 0  # 16 traces, 4 per step, online KD
 

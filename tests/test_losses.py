@@ -1,5 +1,5 @@
-"""raykd.kd.losses against independent references: torch's kl_div / cross_entropy, float64 hand formulas,
-finite differences, and the plain unchunked computation."""
+"""raykd.kd.losses, .divergences and .teachers against independent references: torch's kl_div /
+cross_entropy, float64 hand formulas, finite differences, and the plain unchunked computation."""
 
 from __future__ import annotations
 
@@ -14,23 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from raykd.kd.losses import (
-    DIVERGENCES,
+from raykd.kd.divergences import divergence, forward_kl, jsd, reverse_kl, skew_forward_kl, skew_reverse_kl
+from raykd.kd.losses import chunked_kd_loss, token_losses
+from raykd.kd.teachers import (
     FullVocabTeacher,
-    KDLossConfig,
     TeacherHead,
     TopKTeacher,
-    chunked_kd_loss,
-    divergence,
-    forward_kl,
-    jsd,
-    reverse_kl,
-    skew_forward_kl,
-    skew_reverse_kl,
     student_topk_logprobs,
     teacher_topk_logprobs,
-    token_losses,
 )
+from raykd.spec import DIVERGENCES, LossSpec
 
 F64 = torch.float64
 
@@ -167,7 +160,7 @@ def hand_topk_buckets(logits: Tensor, ids: Tensor) -> Tensor:
 @pytest.mark.parametrize("kind", DIVERGENCES)
 def test_topk_kd_is_the_divergence_over_k_plus_tail_buckets(kind: str) -> None:
     student, targets, teacher, teacher_logits = topk_setup(6, 40, 5, seed=20)
-    losses = token_losses(student, targets, teacher, KDLossConfig(divergence=kind))  # type: ignore[arg-type]
+    losses = token_losses(student, targets, teacher, LossSpec(divergence=kind))
     p, q = hand_topk_buckets(teacher_logits, teacher.ids), hand_topk_buckets(student, teacher.ids)
     torch.testing.assert_close(losses.kd, hand(kind, p, q), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(losses.topk_mass, p[:, :-1].sum(-1), rtol=1e-12, atol=1e-12)
@@ -192,7 +185,7 @@ def test_topk_temperature_reshapes_within_topk_and_keeps_tail_mass() -> None:
         top = (logits.gather(-1, teacher.ids) / t).softmax(-1) * (1 - buckets[:, -1:])
         return torch.cat([top, buckets[:, -1:]], -1)
 
-    losses = token_losses(student, targets, teacher, KDLossConfig(temperature=t))
+    losses = token_losses(student, targets, teacher, LossSpec(temperature=t))
     expected = hand("forward_kl", tempered(teacher_logits), tempered(student))
     torch.testing.assert_close(losses.kd, expected, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(losses.ce, F.cross_entropy(student, targets, reduction="none"))  # CE at T = 1
@@ -217,7 +210,7 @@ def test_topk_with_k_equal_to_vocab_is_full_vocab_kd(kind: str, temperature: flo
     full_lp = teacher_logits.log_softmax(-1)
     order = full_lp.argsort(-1, descending=True)
     topk = TopKTeacher(order, full_lp.gather(-1, order))
-    config = KDLossConfig(divergence=kind, temperature=temperature)  # type: ignore[arg-type]
+    config = LossSpec(divergence=kind, temperature=temperature)
     student = student.requires_grad_(True)
     from_topk = token_losses(student, targets, topk, config)
     from_full = token_losses(student, targets, FullVocabTeacher(teacher_logits), config)
@@ -262,21 +255,24 @@ def model_setup(tokens: int, vocab: int, d: int, k: int, seed: int) -> dict:
     return {"hidden": hidden, "weight": weight, "targets": targets, "teachers": teachers}
 
 
-def reference_sums(setup: dict, teacher_name: str, config: KDLossConfig) -> tuple[list[Tensor], list[Tensor]]:
+def reference_sums(setup: dict, teacher_name: str, config: LossSpec) -> tuple[list[Tensor], list[Tensor]]:
     """[loss_sum, ce_sum, kd_sum, mass_sum] and [d hidden, d weight] by the plain unchunked path."""
     hidden, weight = setup["hidden"], setup["weight"]
     teacher = setup["teachers"][teacher_name]
     if isinstance(teacher, TeacherHead):
         teacher = FullVocabTeacher(teacher.hidden @ teacher.weight.T)
     losses = token_losses(hidden @ weight.T, setup["targets"], teacher, config)
-    loss = losses.weighted_sum(config.lam)
+    loss = losses.weighted_sum(config.kd_weight)
     grads = list(torch.autograd.grad(loss, [hidden, weight]))
     return [loss.detach(), losses.ce.sum().detach(), losses.kd.sum().detach(), losses.topk_mass.sum()], grads
 
 
-def chunked_sums(setup: dict, teacher_name: str, config: KDLossConfig) -> tuple[list[Tensor], list[Tensor]]:
+def chunked_sums(
+    setup: dict, teacher_name: str, config: LossSpec, chunk_size: int
+) -> tuple[list[Tensor], list[Tensor]]:
     hidden, weight = setup["hidden"], setup["weight"]
-    sums = chunked_kd_loss(hidden, weight, setup["targets"], setup["teachers"][teacher_name], config)
+    teacher = setup["teachers"][teacher_name]
+    sums = chunked_kd_loss(hidden, weight, setup["targets"], teacher, config, chunk_size=chunk_size)
     grads = list(torch.autograd.grad(sums.loss_sum, [hidden, weight]))
     return [sums.loss_sum.detach(), sums.ce_sum, sums.kd_sum, sums.topk_mass_sum], grads
 
@@ -292,8 +288,8 @@ def assert_all_close(
 @pytest.mark.parametrize("chunk_size", [1, 3, 5, 13, 64])
 def test_chunked_equals_unchunked_values_and_gradients(teacher_name: str, chunk_size: int) -> None:
     setup = model_setup(tokens=13, vocab=31, d=6, k=4, seed=30)
-    config = KDLossConfig(chunk_size=chunk_size, lam=0.3)
-    got_values, got_grads = chunked_sums(setup, teacher_name, config)
+    config = LossSpec(kd_weight=0.3)
+    got_values, got_grads = chunked_sums(setup, teacher_name, config, chunk_size)
     ref_values, ref_grads = reference_sums(setup, teacher_name, config)
     assert_all_close(got_values, ref_values)
     assert_all_close(got_grads, ref_grads)
@@ -303,9 +299,9 @@ def test_chunked_equals_unchunked_values_and_gradients(teacher_name: str, chunk_
 @pytest.mark.parametrize(("lam", "temperature"), [(0.0, 1.0), (1.0, 1.0), (0.5, 2.0)])
 def test_chunked_equals_unchunked_for_every_divergence(kind: str, lam: float, temperature: float) -> None:
     setup = model_setup(tokens=9, vocab=23, d=5, k=3, seed=31)
-    config = KDLossConfig(divergence=kind, lam=lam, temperature=temperature, chunk_size=4)  # type: ignore[arg-type]
+    config = LossSpec(divergence=kind, kd_weight=lam, temperature=temperature)
     for teacher_name in ("topk", "full"):
-        got_values, got_grads = chunked_sums(setup, teacher_name, config)
+        got_values, got_grads = chunked_sums(setup, teacher_name, config, 4)
         ref_values, ref_grads = reference_sums(setup, teacher_name, config)
         assert_all_close(got_values, ref_values)
         assert_all_close(got_grads, ref_grads)
@@ -331,10 +327,10 @@ def test_chunked_gradient_matches_finite_differences(teacher_name: str) -> None:
     setup = model_setup(tokens=5, vocab=7, d=3, k=3, seed=32)
     hidden, weight, targets = setup["hidden"], setup["weight"], setup["targets"]
     teacher = setup["teachers"][teacher_name]
-    config = KDLossConfig(divergence="jsd", chunk_size=2, lam=0.4)
+    config = LossSpec(divergence="jsd", kd_weight=0.4)
 
     def loss() -> Tensor:
-        return chunked_kd_loss(hidden, weight, targets, teacher, config).loss_sum
+        return chunked_kd_loss(hidden, weight, targets, teacher, config, chunk_size=2).loss_sum
 
     analytic = torch.autograd.grad(loss(), [hidden, weight])
     with torch.no_grad():
@@ -344,9 +340,9 @@ def test_chunked_gradient_matches_finite_differences(teacher_name: str) -> None:
 
 def test_chunked_topk_with_k_equal_to_vocab_matches_full_vocab() -> None:
     setup = model_setup(tokens=6, vocab=9, d=4, k=9, seed=33)
-    config = KDLossConfig(chunk_size=4, divergence="reverse_kl")
-    got_values, got_grads = chunked_sums(setup, "topk", config)
-    ref_values, ref_grads = chunked_sums(setup, "full", config)
+    config = LossSpec(divergence="reverse_kl")
+    got_values, got_grads = chunked_sums(setup, "topk", config, 4)
+    ref_values, ref_grads = chunked_sums(setup, "full", config, 4)
     assert_all_close(got_values[:3], ref_values[:3], rtol=1e-9)
     assert_all_close(got_grads, ref_grads, rtol=1e-9)
     assert all(torch.isfinite(g).all() for g in got_grads)
@@ -355,9 +351,7 @@ def test_chunked_topk_with_k_equal_to_vocab_matches_full_vocab() -> None:
 def test_chunked_cross_entropy_matches_torch() -> None:
     setup = model_setup(tokens=11, vocab=17, d=4, k=3, seed=34)
     hidden, weight = setup["hidden"], setup["weight"]
-    sums = chunked_kd_loss(
-        hidden, weight, setup["targets"], setup["teachers"]["topk"], KDLossConfig(chunk_size=4)
-    )
+    sums = chunked_kd_loss(hidden, weight, setup["targets"], setup["teachers"]["topk"], chunk_size=4)
     expected = F.cross_entropy(hidden @ weight.T, setup["targets"], reduction="sum")
     torch.testing.assert_close(sums.ce_sum, expected.detach(), rtol=1e-12, atol=1e-12)
     assert sums.n_tokens == 11
@@ -371,7 +365,9 @@ def test_tiny_student_tail_stays_exact_in_float32() -> None:
     teacher = TopKTeacher(torch.arange(k).repeat(tokens, 1), torch.full((tokens, k), math.log(0.25)))
     targets = torch.zeros(tokens, dtype=torch.long)
     # hidden = identity, so the logits are exactly `student`
-    sums = chunked_kd_loss(torch.eye(tokens), student.T.contiguous(), targets, teacher, KDLossConfig(lam=1.0))
+    sums = chunked_kd_loss(
+        torch.eye(tokens), student.T.contiguous(), targets, teacher, LossSpec(kd_weight=1.0)
+    )
     q_tail = (vocab - k) / (vocab - k + k * math.exp(30.0))
     q_top = (1 - q_tail) / k
     expected = tokens * (2 * 0.25 * math.log(0.25 / q_top) + 0.5 * math.log(0.5 / q_tail))
@@ -401,7 +397,7 @@ def test_segment_sums_split_the_totals() -> None:
     segments = torch.tensor([0, 0, 1, 1, 1, 1, 1, 2, 2, 1], dtype=torch.int8)
     teacher = setup["teachers"]["topk"]
     sums = chunked_kd_loss(
-        setup["hidden"], setup["weight"], setup["targets"], teacher, KDLossConfig(chunk_size=3), segments
+        setup["hidden"], setup["weight"], setup["targets"], teacher, segment_ids=segments, chunk_size=3
     )
     per_token = token_losses(setup["hidden"] @ setup["weight"].T, setup["targets"], teacher)
     for s in range(3):
@@ -446,7 +442,7 @@ def test_bfloat16_model_gets_bfloat16_gradients_close_to_float32() -> None:
     hidden = setup["hidden"].detach().bfloat16().requires_grad_(True)
     weight = setup["weight"].detach().bfloat16().requires_grad_(True)
     teacher = setup["teachers"]["topk"]
-    sums = chunked_kd_loss(hidden, weight, setup["targets"], teacher, KDLossConfig(chunk_size=3))
+    sums = chunked_kd_loss(hidden, weight, setup["targets"], teacher, chunk_size=3)
     sums.loss_sum.backward()
     assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
     h32, w32 = hidden.detach().float().requires_grad_(True), weight.detach().float().requires_grad_(True)
@@ -469,9 +465,14 @@ def test_backward_twice_is_refused() -> None:
 
 def test_config_reports_every_problem_at_once() -> None:
     with pytest.raises(ValueError) as info:
-        KDLossConfig(divergence="kl", lam=1.5, temperature=0.0, beta=-0.1, skew_alpha=1.0, chunk_size=0)  # type: ignore[arg-type]
-    for name in ("divergence", "lam", "temperature", "beta", "skew_alpha", "chunk_size"):
-        assert f"{name}:" in str(info.value)
+        LossSpec(divergence="kl", kd_weight=1.5, temperature=0.0, jsd_beta=-0.1, skew_alpha=1.0)  # type: ignore[arg-type]
+    named = {error["loc"][0] for error in info.value.errors()}  # type: ignore[attr-defined]
+    assert named == {"divergence", "kd_weight", "temperature", "jsd_beta", "skew_alpha"}
+    setup = model_setup(tokens=2, vocab=5, d=3, k=2, seed=41)
+    with pytest.raises(ValueError, match="chunk_size 0 must be >= 1"):
+        chunked_kd_loss(
+            setup["hidden"], setup["weight"], setup["targets"], setup["teachers"]["topk"], chunk_size=0
+        )
 
 
 def test_inputs_with_mismatched_rows_are_refused() -> None:

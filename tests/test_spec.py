@@ -171,6 +171,56 @@ def test_cli_bad_spec_exits_2_and_names_every_key(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_dry_run_rejects_a_batch_that_does_not_split_over_the_workers(tmp_path: Path) -> None:
+    """Every trial of such a spec would fail in its first worker, after the traces are generated: the dry
+    run refuses it, naming the keys, the values and a batch size that works."""
+    data = copy.deepcopy(TINY)
+    data["training"] |= {"batch_size": 30, "micro_batch_size": 4}
+    data["resources"]["workers_per_trial"] = 2
+    path = tmp_path / "batch.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = run_cli(str(path), "--dry-run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        "training.batch_size: 30 is not a multiple of training.micro_batch_size x "
+        "resources.workers_per_trial (4 x 2 = 8)" in result.stderr
+    )
+    assert "(e.g. 32)" in result.stderr
+    # with a token budget, only the workers share a step's sequences
+    tokens = lambda d: d["training"].update(batch_size=5, micro_batch_tokens=512)  # noqa: E731
+    assert problems_of(lambda d: (tokens(d), d["resources"].update(workers_per_trial=2))) == [
+        "training.batch_size: 5 is not a multiple of resources.workers_per_trial (2); every worker takes the "
+        "same share of a step, so use a multiple of 2 (e.g. 6)"
+    ]
+
+
+def test_rules_across_fields_are_the_specs() -> None:
+    """Tensor parallelism needs the GPUs, vLLM's scheduler its token budget, the skew KL an alpha below 1."""
+    tp = problems_of(lambda d: d["generation"].update(gpus_per_engine=1, tensor_parallel=2))
+    assert tp == ["generation: tensor_parallel 2 exceeds gpus_per_engine 1; give each engine at least "
+                  "tensor_parallel GPUs"]  # fmt: skip
+    seqs = problems_of(lambda d: d["generation"].update(max_num_seqs=512, max_num_batched_tokens=256))
+    assert "generation: max_num_seqs 512 exceeds max_num_batched_tokens 256" in seqs[0]
+    skew = problems_of(lambda d: d["training"]["kd"].update(divergence="skew_reverse_kl", skew_alpha=1.0))
+    assert skew[0].startswith("training.kd.skew_alpha: 1.0 is invalid")
+
+
+def test_trial_config_round_trips_through_its_dump() -> None:
+    """Tune and Ray Train carry each trial's config as its dump; validated again, it is the same config."""
+    from raykd.plan import ModelPaths, TrialConfig, trial_config
+
+    spec = parse_spec(copy.deepcopy(TINY))
+    plan = make_plan(spec)
+    models = ModelPaths(student_dir="/m/student", teacher_dir="/m/teacher", tokenizer_dir="/m/teacher")
+    paths = {"traces_path": "/t", "eval_problems_path": "/e.jsonl"}
+    for trial in plan.trials:
+        cfg = trial_config(spec, plan, trial, models, paths, {"fingerprint": "abc"})
+        again = TrialConfig.model_validate(cfg.model_dump())
+        assert again == cfg and again.trial_id == trial.trial_id
+        assert again.training.kd == spec.training.kd and again.step_sequences == 32
+        assert again.student_out == f"{plan.output_dir}/trials/{trial.trial_id}/student"
+
+
 def test_gpu_hour_estimate_follows_the_kept_fraction() -> None:
     from raykd.plan import ASSUMED, gpu_hours
 

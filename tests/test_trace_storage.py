@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raykd.kd import batching
-from raykd.kd.losses import forward_kl, student_topk_logprobs, teacher_topk_logprobs
+from raykd.kd.divergences import forward_kl
+from raykd.kd.examples import TrialData, prepare_examples
+from raykd.kd.teachers import student_topk_logprobs, teacher_topk_logprobs
 from raykd.traces.stages import SEGMENT_FIELDS
 from raykd.traces.store import open_store, summarize, trace_schema, verify_folder, write_json_atomic
 from raykd.traces.writer import ShardWriter
@@ -68,7 +69,7 @@ def test_stored_topk_round_trips_within_float16_error_into_the_kd_signal(tmp_pat
     store, reference = write_one_shard(tmp_path / "k")
     table = pq.read_table(store.data_dir)
     assert table.schema.field("topk_logprobs").type == pa.list_(pa.float16())
-    examples, _ = batching.prepare_examples(table.to_pydict(), batching.TrialData())
+    examples, _ = prepare_examples(table.to_pydict(), TrialData())
     assert len(examples) == len(reference)
     for example, (ids, top) in zip(examples, reference, strict=True):
         order = np.argsort(ids, axis=1, kind="stable")

@@ -68,10 +68,10 @@ def test_windows_left_middle_right() -> None:
 
 
 def test_policies_exact_on_the_four_traces() -> None:
-    assert make_windows("lead", SEG, 0.3).ends.tolist() == [3, 3, 3, 3]
+    assert make_windows("lead_span", SEG, 0.3).ends.tolist() == [3, 3, 3, 3]
     cut = make_windows("cut_after_think", SEG)
     assert (cut.starts.tolist(), cut.ends.tolist()) == ([0, 0, 0, 0], [8, 10, 3, 9])
-    assert make_windows("full", SEG).ends.tolist() == [10, 10, 10, 10]
+    assert make_windows("budget_matched", SEG).ends.tolist() == [10, 10, 10, 10]
     with pytest.raises(ValueError, match="truncation policy"):
         make_windows("tail", SEG, 0.5)
 
@@ -82,7 +82,7 @@ def test_cut_after_think_keeps_at_least_one_token() -> None:
 
 
 def test_truncate_lead_half_supervise_cot_exact() -> None:
-    batch = truncate_batch(IDS, SEG, make_windows("lead", SEG, 0.5), ["cot"])
+    batch = truncate_batch(IDS, SEG, make_windows("lead_span", SEG, 0.5), ["cot"])
     assert batch.ids.tolist() == [[100, 101, 102, 103, 104], [110, 111, 112, 113, 114],
                                   [120, 121, 122, 123, 124], [130, 131, 132, 133, 134]]  # fmt: skip
     assert batch.labels.tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 2, 2], [0, 1, 1, 1, 1]]
@@ -101,7 +101,7 @@ def test_truncate_lead_half_supervise_cot_exact() -> None:
 
 
 def test_right_window_and_metadata_flags() -> None:
-    batch = truncate_batch(IDS, SEG, make_windows("right", SEG, 0.5), ["prompt", "cot", "answer"])
+    batch = truncate_batch(IDS, SEG, make_windows("window_right", SEG, 0.5), ["prompt", "cot", "answer"])
     assert batch.ids.tolist()[0] == [105, 106, 107, 108, 109]
     assert batch.labels.tolist() == [[1, 1, 1, 2, 2], [1, 1, 1, 1, 1], [2] * 5, [1, 1, 1, 1, 2]]
     assert batch.meta.close_tag_kept.tolist() == [True, False, False, True]
@@ -124,7 +124,7 @@ def test_every_segment_subset_after_a_cut(segments: set[str]) -> None:
 
 
 def test_loss_mask_rejects_bad_segments() -> None:
-    labels = kept_labels(SEG, make_windows("full", SEG))
+    labels = kept_labels(SEG, make_windows("budget_matched", SEG))
     for bad in ([], ["cot", "reasoning"]):
         with pytest.raises(ValueError, match="non-empty subset"):
             loss_mask(labels, bad)
@@ -132,7 +132,7 @@ def test_loss_mask_rejects_bad_segments() -> None:
 
 def test_take_windows_on_per_token_rows_of_any_shape() -> None:
     topk = np.arange(40 * 3).reshape(40, 3)  # e.g. the teacher's top-3 logprobs per token
-    kept = take_windows(topk, SEG.offsets, make_windows("middle", SEG, 0.2))
+    kept = take_windows(topk, SEG.offsets, make_windows("window_middle", SEG, 0.2))
     assert kept.values.tolist() == [[12, 13, 14], [15, 16, 17], [42, 43, 44], [45, 46, 47],
                                     [72, 73, 74], [75, 76, 77], [102, 103, 104], [105, 106, 107]]  # fmt: skip
     assert kept.offsets.tolist() == [0, 2, 4, 6, 8]
@@ -153,8 +153,10 @@ def test_random_label_mask_is_a_seeded_subset() -> None:
 
 
 def test_random_masking_saves_no_compute_and_is_counted() -> None:
-    full = truncate_batch(IDS, SEG, make_windows("full", SEG), ["cot", "answer"])
-    masked = truncate_batch(IDS, SEG, make_windows("full", SEG), ["cot", "answer"], drop_ratio=0.5, seed=3)
+    full = truncate_batch(IDS, SEG, make_windows("budget_matched", SEG), ["cot", "answer"])
+    masked = truncate_batch(
+        IDS, SEG, make_windows("budget_matched", SEG), ["cot", "answer"], drop_ratio=0.5, seed=3
+    )
     assert masked.ids.tolist() == full.ids.tolist()
     assert not (masked.mask & ~full.mask).any()
     assert masked.meta.supervised.sum() == masked.mask.sum() < full.mask.sum()
@@ -194,7 +196,7 @@ def expected_keep(policy: str, fraction: Fraction, seg: Segmentation, i: int) ->
     length = int(seg.lengths[i])
     if policy == "cut_after_think":
         return min(max(int(seg.answer_starts[i]), 1), length)
-    if policy == "full":
+    if policy == "budget_matched":
         return length
     return min(max(1, math.ceil(fraction * length)), length)
 

@@ -15,8 +15,11 @@ import torch
 
 from raykd import chat
 from raykd.kd import batching, step, synthetic
-from raykd.kd.batching import TrialData
-from raykd.kd.losses import FullVocabTeacher, KDLossConfig, token_losses
+from raykd.kd.examples import TrialData, prepare_examples
+from raykd.kd.losses import token_losses
+from raykd.kd.model import KDStudent, OnlineTeacher
+from raykd.kd.teachers import FullVocabTeacher
+from raykd.spec import LossSpec
 from raykd.traces import checks, generate_traces
 from raykd.traces.pipeline import preflight
 from tests.test_traces import make_problems, make_spec
@@ -73,27 +76,15 @@ def renamed_token(folder: Path, old: str, new: str) -> Path:
     return folder
 
 
-def test_padded_pair_passes_the_driver_and_the_trainer_checks(tokenizer_dir: Path, tmp_path: Path) -> None:
+def test_padded_pair_passes_the_driver_checks(tokenizer_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
-
-    from raykd.kd.trainer import check_config
-    from raykd.kd.worker import KDConfig
 
     n = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     teacher = model_folder(tmp_path / "teacher", tokenizer_dir, n + 64)  # padded, as Qwen2.5-7B vs 0.5B
     student = model_folder(tmp_path / "student", tokenizer_dir, n)
     checks.check_vocabulary(str(teacher), str(student))
+    checks.check_vocabulary(str(teacher), str(student), str(teacher))  # with the traces' tokenizer named
     preflight(make_spec(), str(teacher), str(teacher), str(student))
-    for signal in ("cached_topk", "online"):
-        check_config(
-            KDConfig(
-                student_dir=str(student),
-                student_out=str(tmp_path / "out"),
-                teacher_dir=str(teacher),
-                tokenizer_dir=str(teacher),
-                teacher_signal=signal,
-            )
-        )
     # the other way round too: a student with more rows than the teacher
     checks.check_vocabulary(str(student), str(teacher))
     short = model_folder(tmp_path / "short", tokenizer_dir, n - 1)
@@ -109,15 +100,15 @@ def test_online_kd_on_a_padded_pair_compares_the_shared_rows(extra: tuple[int, i
     t_rows, s_rows = vocab + extra[0], vocab + extra[1]
     student = synthetic.tiny_llama(s_rows, hidden=64, heads=2)
     teacher_model = synthetic.tiny_llama(t_rows, hidden=128, heads=4, seed=1)
-    teacher = step.OnlineTeacher(teacher_model)
+    teacher = OnlineTeacher(teacher_model)
     rows = synthetic.synthetic_rows(3, vocab=vocab, k=4, seed=5)
-    examples, _ = batching.prepare_examples(rows, TrialData(fraction=0.7))
+    examples, _ = prepare_examples(rows, TrialData(fraction=0.7))
     mb = batching.collate(examples, 4)
     batch = step.to_device(mb, CPU)
     batch["teacher_hidden"] = teacher.hidden(batch["input_ids"], batch["flat_pos"])
     batch["teacher_weight"] = teacher.weight
-    cfg = KDLossConfig(chunk_size=5)
-    out = step.KDStudent(student, cfg)(**batch)
+    cfg = LossSpec()
+    out = KDStudent(student, cfg, chunk_size=5)(**batch)
     pos, ids = torch.from_numpy(mb.flat_pos), torch.from_numpy(mb.input_ids)
     with torch.no_grad():
         s_logits = student(ids).logits.reshape(-1, s_rows)[pos][:, :vocab]

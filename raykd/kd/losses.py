@@ -1,43 +1,10 @@
 """Cross-entropy and knowledge-distillation losses between teacher and student next-token distributions.
 
-Pure torch (no Ray, DeepSpeed or vLLM). The training loss is `(1 - lam) * CE + lam * KD`, summed over the
-supervised positions; `lam = 0.5`, forward KL and temperature 1 are the paper's setting.
-
-Divergences (p = teacher, q = student, over the same buckets; `divergence()` dispatches by name):
-    forward_kl       KL(p || q), the paper's; mass-covering
-    reverse_kl       KL(q || p); mode-seeking
-    jsd              beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta * p + (1 - beta) * q: the
-                     generalised JSD of GKD (Agarwal et al.), in TRL's convention. The formula itself tends
-                     to 0 at both ends, but JSD(beta) / beta -> KL(p || q) as beta -> 0 and
-                     JSD(beta) / (1 - beta) -> KL(q || p) as beta -> 1; so, as in TRL, beta = 0 *is* forward
-                     KL and beta = 1 *is* reverse KL.
-    tvd              0.5 * sum |p - q|
-    skew_forward_kl  KL(p || a * p + (1 - a) * q), DistiLLM's SKL with a = skew_alpha
-    skew_reverse_kl  KL(q || (1 - a) * p + a * q), DistiLLM's SRKL; a = 0 gives the plain KLs. (DistiLLM's
-                     code drops a constant entropy term; we keep it, so equal inputs give 0.)
-Conventions: 0 * log 0 = 0; a bucket where the first argument has mass and the second none gives +inf,
-as the true KL does; gradients stay finite (no NaN) on empty buckets.
-
-Teacher signals:
-    TopKTeacher       (default) the teacher's cached top-k log-probs per position as vLLM reports them
-                      (over the full vocabulary, temperature 1). The mass outside the top-k is ONE tail
-                      bucket, so the divergence runs over k + 1 buckets: teacher tail =
-                      1 - sum(exp(topk_logprobs)); student tail = its probability off those k ids, computed
-                      as a sum of positive terms (exact however small). The teacher tail is floored at
-                      `tail_floor` and the buckets renormalised, because float32 logprobs near 0 can sum to
-                      >= 1 while a softmax never gives an exact 0; with k = vocab the tail is empty (0).
-                      The teacher's top-k mass (sum of its top-k probs) is returned for logging.
-    FullVocabTeacher  online teacher logits (tokens, vocab): exact full-vocabulary divergence.
-    TeacherHead       online teacher final hidden states + its lm_head: as FullVocabTeacher, but the
-                      teacher's logits are also made one chunk at a time.
-
-Temperature T (KD only; CE is always at T = 1; no T^2 factor, as in TRL and torchtune):
-    full vocabulary: both distributions are softmax(logits / T), exact.
-    top-k: the teacher's tail at T != 1 cannot be known from its top-k (it sums many unseen tokens), so T
-    reshapes the distribution *within* the top-k and the tail bucket keeps its T = 1 mass, for both
-    models: bucket_i = (1 - tail) * softmax(topk_logits / T)_i, bucket_tail = tail. It is the same map for
-    teacher and student (equal models still give 0), exact at T = 1, and with k = vocab it equals the
-    full-vocabulary tempering. It is an approximation of tempered KD whenever T != 1 and k < vocab.
+Pure torch (no Ray, DeepSpeed or vLLM). The training loss is `(1 - λ) * CE + λ * KD`, summed over the
+supervised positions, with the spec's loss settings (`raykd.spec.LossSpec`: divergence, kd_weight = λ,
+temperature, jsd_beta, skew_alpha); λ = 0.5, forward KL and temperature 1 are the paper's setting. The
+divergences are in `raykd.kd.divergences`, the teacher signals and their top-k buckets in `raykd.kd.teachers`.
+CE is always at T = 1; no T^2 factor on KD, as in TRL and torchtune.
 
 Memory: `chunked_kd_loss` takes the student's final hidden states at the supervised positions only and
 runs the vocabulary projection and the loss in chunks of positions inside one autograd Function that
@@ -52,234 +19,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"]
-DIVERGENCES: tuple[str, ...] = get_args(Divergence)
-NUM_SEGMENTS = 3  # PROMPT = 0, COT = 1, ANSWER = 2, as in raykd/segments.py
+from raykd.kd.divergences import divergence
+from raykd.kd.teachers import (
+    FullVocabTeacher,
+    Teacher,
+    TeacherHead,
+    TopKTeacher,
+    student_buckets,
+    teacher_topk_logprobs,
+    topk_stats,
+    upcast,
+)
+from raykd.segments import SEGMENT_NAMES
+from raykd.spec import LossSpec
 
-
-def _upcast(x: Tensor) -> Tensor:
-    """float16/bfloat16 -> float32 for softmax math; float32 and float64 stay (float64 for exact tests)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-@dataclass(frozen=True)
-class KDLossConfig:
-    """How to mix and measure the loss; validated on construction, every problem reported at once."""
-
-    divergence: Divergence = "forward_kl"
-    lam: float = 0.5  # loss = (1 - lam) * CE + lam * KD
-    temperature: float = 1.0  # KD only
-    beta: float = 0.5  # jsd: 0 = forward KL, 1 = reverse KL
-    skew_alpha: float = 0.1  # skew KLs: weight of the first argument's own distribution in the mixture
-    chunk_size: int = 1024  # positions per vocabulary-projection chunk
-    tail_floor: float = 1e-8  # smallest teacher tail mass when k < vocab
-
-    def __post_init__(self) -> None:
-        rules = [
-            ("divergence", self.divergence in DIVERGENCES, f"is not one of {DIVERGENCES}"),
-            ("lam", 0.0 <= self.lam <= 1.0, "is not in [0, 1]; loss = (1 - lam) * CE + lam * KD"),
-            ("temperature", self.temperature > 0, "must be > 0"),
-            ("beta", 0.0 <= self.beta <= 1.0, "is not in [0, 1]; 0 = forward KL, 1 = reverse KL"),
-            ("skew_alpha", 0.0 <= self.skew_alpha < 1.0, "is not in [0, 1)"),
-            ("chunk_size", self.chunk_size >= 1, "must be >= 1"),
-            ("tail_floor", 0.0 < self.tail_floor < 1.0, "is not in (0, 1)"),
-        ]
-        problems = [f"{name}: {getattr(self, name)!r} {why}" for name, ok, why in rules if not ok]
-        if problems:
-            raise ValueError("invalid KDLossConfig: " + "; ".join(problems))
-
-
-# ----------------------------------------------------------------------------------------- divergences
-
-
-def _kl(logp_a: Tensor, logp_b: Tensor) -> Tensor:
-    """KL(a || b) per row with 0 * log 0 = 0. logp_a, logp_b: (rows, buckets) -> (rows,)"""
-    a = logp_a.exp()
-    # where() keeps 0 * (-inf - -inf) = NaN out of the value and (its other branch is a constant) the grad.
-    return (a * torch.where(a > 0, logp_a - logp_b, 0.0)).sum(-1)
-
-
-def _log_mix(logp: Tensor, logq: Tensor, w: float) -> Tensor:
-    """log(w * p + (1 - w) * q) for 0 < w < 1. logp, logq: (rows, buckets) -> (rows, buckets)"""
-    # logaddexp(-inf, -inf) has a NaN gradient: feed it zeros where both are empty, then put the -inf back.
-    both_empty = torch.isneginf(logp) & torch.isneginf(logq)
-    mix = torch.logaddexp(
-        torch.where(both_empty, 0.0, logp) + math.log(w), torch.where(both_empty, 0.0, logq) + math.log1p(-w)
-    )
-    return torch.where(both_empty, -math.inf, mix)
-
-
-def forward_kl(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
-    """KL(teacher || student). student_logprobs, teacher_logprobs: (rows, buckets) -> (rows,)"""
-    return _kl(teacher_logprobs, student_logprobs)
-
-
-def reverse_kl(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
-    """KL(student || teacher). student_logprobs, teacher_logprobs: (rows, buckets) -> (rows,)"""
-    return _kl(student_logprobs, teacher_logprobs)
-
-
-def jsd(student_logprobs: Tensor, teacher_logprobs: Tensor, beta: float = 0.5) -> Tensor:
-    """Generalised JSD (module docstring): beta = 0 is forward KL, 1 reverse KL. (rows, buckets) -> (rows,)"""
-    if beta == 0.0:
-        return forward_kl(student_logprobs, teacher_logprobs)
-    if beta == 1.0:
-        return reverse_kl(student_logprobs, teacher_logprobs)
-    mix = _log_mix(teacher_logprobs, student_logprobs, beta)
-    return beta * _kl(teacher_logprobs, mix) + (1.0 - beta) * _kl(student_logprobs, mix)
-
-
-def tvd(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
-    """Total variation distance 0.5 * sum |p - q|. (rows, buckets) -> (rows,)"""
-    return 0.5 * (teacher_logprobs.exp() - student_logprobs.exp()).abs().sum(-1)
-
-
-def skew_forward_kl(student_logprobs: Tensor, teacher_logprobs: Tensor, alpha: float = 0.1) -> Tensor:
-    """KL(p || alpha * p + (1 - alpha) * q), DistiLLM's SKL. (rows, buckets) -> (rows,)"""
-    if alpha == 0.0:
-        return forward_kl(student_logprobs, teacher_logprobs)
-    return _kl(teacher_logprobs, _log_mix(teacher_logprobs, student_logprobs, alpha))
-
-
-def skew_reverse_kl(student_logprobs: Tensor, teacher_logprobs: Tensor, alpha: float = 0.1) -> Tensor:
-    """KL(q || (1 - alpha) * p + alpha * q), DistiLLM's SRKL. (rows, buckets) -> (rows,)"""
-    if alpha == 0.0:
-        return reverse_kl(student_logprobs, teacher_logprobs)
-    return _kl(student_logprobs, _log_mix(teacher_logprobs, student_logprobs, 1.0 - alpha))
-
-
-def divergence(
-    student_logprobs: Tensor,
-    teacher_logprobs: Tensor,
-    kind: Divergence,
-    beta: float = 0.5,
-    skew_alpha: float = 0.1,
-) -> Tensor:
-    """The named divergence between two distributions given as log-probs. (rows, buckets) -> (rows,)"""
-    if kind == "jsd":
-        return jsd(student_logprobs, teacher_logprobs, beta)
-    if kind in ("skew_forward_kl", "skew_reverse_kl"):
-        fn = skew_forward_kl if kind == "skew_forward_kl" else skew_reverse_kl
-        return fn(student_logprobs, teacher_logprobs, skew_alpha)
-    simple = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "tvd": tvd}
-    if kind not in simple:
-        raise ValueError(f"unknown divergence {kind!r}; use one of {DIVERGENCES}")
-    return simple[kind](student_logprobs, teacher_logprobs)
-
-
-# ------------------------------------------------------------------------------------- teacher signals
-
-
-@dataclass(frozen=True)
-class TopKTeacher:
-    """Cached teacher. ids: (tokens, k) int, distinct per row; logprobs: (tokens, k), full vocab, T = 1."""
-
-    ids: Tensor
-    logprobs: Tensor
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def rows(self, start: int, stop: int) -> TopKTeacher:
-        return TopKTeacher(self.ids[start:stop], self.logprobs[start:stop])
-
-
-@dataclass(frozen=True)
-class FullVocabTeacher:
-    """Online teacher: logits: (tokens, vocab) at the supervised positions."""
-
-    logits: Tensor
-
-    def __len__(self) -> int:
-        return self.logits.shape[0]
-
-    def rows(self, start: int, stop: int) -> FullVocabTeacher:
-        return FullVocabTeacher(self.logits[start:stop])
-
-    def full_logits(self) -> Tensor:
-        """(tokens, vocab) in float32 or wider, no grad."""
-        return _upcast(self.logits.detach())
-
-
-@dataclass(frozen=True)
-class TeacherHead:
-    """Online teacher, logits made per chunk. hidden: (tokens, d_teacher); weight: (vocab, d_teacher)."""
-
-    hidden: Tensor
-    weight: Tensor
-
-    def __len__(self) -> int:
-        return self.hidden.shape[0]
-
-    def rows(self, start: int, stop: int) -> TeacherHead:
-        return TeacherHead(self.hidden[start:stop], self.weight)
-
-    def full_logits(self) -> Tensor:
-        """(tokens, vocab) in float32 or wider, no grad."""
-        with torch.no_grad():
-            return _upcast(self.hidden @ self.weight.T)
-
-
-Teacher = TopKTeacher | FullVocabTeacher | TeacherHead
-
-
-# --------------------------------------------------------------------------------------- top-k buckets
-
-
-def teacher_topk_logprobs(
-    topk_logprobs: Tensor, vocab_size: int, temperature: float = 1.0, tail_floor: float = 1e-8
-) -> tuple[Tensor, Tensor]:
-    """Teacher log-probs over k + 1 buckets (the k ids, then the tail) and its reported top-k mass.
-
-    topk_logprobs: (tokens, k) -> buckets (tokens, k + 1), topk_mass (tokens,)
-    """
-    logprobs = _upcast(topk_logprobs.detach())
-    lse = logprobs.logsumexp(-1)
-    if logprobs.shape[-1] >= vocab_size:
-        log_top, log_tail = torch.zeros_like(lse), torch.full_like(lse, -math.inf)
-    else:
-        tail = (-torch.expm1(lse)).clamp(min=tail_floor)  # 1 - sum(p), without cancellation near sum = 0
-        log_top, log_tail = torch.log1p(-tail), tail.log()
-    top = log_top[:, None] + F.log_softmax(logprobs / temperature, -1)
-    return torch.cat([top, log_tail[:, None]], -1), lse.exp().clamp(max=1.0)
-
-
-def _student_buckets(selected: Tensor, lse_rest: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """Student log-probs over k + 1 buckets, from its logits at the k ids and the log-sum-exp of all others.
-
-    selected: (tokens, k); lse_rest: (tokens,), -inf when the k ids are the whole vocabulary
-    -> buckets (tokens, k + 1), log-partition over the full vocabulary (tokens,)
-    """
-    lse_top = selected.logsumexp(-1)
-    lse_all = torch.logaddexp(lse_top, lse_rest)
-    top = (lse_top - lse_all)[:, None] + F.log_softmax(selected / temperature, -1)
-    return torch.cat([top, (lse_rest - lse_all)[:, None]], -1), lse_all
-
-
-def _topk_stats(logits: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Logits at the ids and log-sum-exp of the rest. logits: (t, vocab), ids: (t, k) -> (t, k), (t,)"""
-    selected = logits.gather(-1, ids)
-    if ids.shape[-1] >= logits.shape[-1]:
-        # An empty complement: a constant, since logsumexp over all -inf has a NaN gradient.
-        return selected, logits.new_full(logits.shape[:1], -math.inf)
-    return selected, logits.scatter(-1, ids, -math.inf).logsumexp(-1)
-
-
-def student_topk_logprobs(student_logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Tensor:
-    """Student log-probs over the teacher's k + 1 buckets.
-
-    student_logits: (tokens, vocab); ids: (tokens, k) -> (tokens, k + 1)
-    """
-    return _student_buckets(*_topk_stats(_upcast(student_logits), ids.long()), temperature)[0]
-
-
-# ------------------------------------------------------------------------------------ per-token losses
+NUM_SEGMENTS = len(SEGMENT_NAMES)  # segment ids PROMPT, COT, ANSWER (raykd.segments)
+CHUNK_SIZE = 1024  # positions per vocabulary-projection chunk
 
 
 @dataclass(frozen=True)
@@ -297,8 +58,8 @@ class TokenLosses:
         return ((1.0 - lam) * self.ce + lam * self.kd).sum()
 
 
-def _divergence(logq: Tensor, logp: Tensor, config: KDLossConfig) -> Tensor:
-    return divergence(logq, logp, config.divergence, config.beta, config.skew_alpha)
+def _divergence(logq: Tensor, logp: Tensor, config: LossSpec) -> Tensor:
+    return divergence(logq, logp, config.divergence, config.jsd_beta, config.skew_alpha)
 
 
 def _topk_losses(
@@ -307,19 +68,17 @@ def _topk_losses(
     target_logit: Tensor,
     teacher: TopKTeacher,
     vocab: int,
-    config: KDLossConfig,
+    config: LossSpec,
 ) -> TokenLosses:
     """selected: (t, k), lse_rest: (t,), target_logit: (t,) -> TokenLosses over t positions."""
-    logq, lse_all = _student_buckets(selected, lse_rest, config.temperature)
+    logq, lse_all = student_buckets(selected, lse_rest, config.temperature)
     # The teacher follows the student's compute dtype, so a float64 cache cannot promote the whole loss.
     logprobs = teacher.logprobs.to(selected.dtype)
-    logp, mass = teacher_topk_logprobs(logprobs, vocab, config.temperature, config.tail_floor)
+    logp, mass = teacher_topk_logprobs(logprobs, vocab, config.temperature)
     return TokenLosses(lse_all - target_logit, _divergence(logq, logp, config), mass)
 
 
-def _full_losses(
-    logits: Tensor, targets: Tensor, teacher_logits: Tensor, config: KDLossConfig
-) -> TokenLosses:
+def _full_losses(logits: Tensor, targets: Tensor, teacher_logits: Tensor, config: LossSpec) -> TokenLosses:
     """logits, teacher_logits: (t, vocab), targets: (t,) -> TokenLosses over t positions."""
     t = config.temperature
     # Skipping the division at T = 1 saves a (tokens, vocab) temporary per model.
@@ -332,17 +91,17 @@ def _full_losses(
 
 
 def token_losses(
-    student_logits: Tensor, targets: Tensor, teacher: Teacher, config: KDLossConfig | None = None
+    student_logits: Tensor, targets: Tensor, teacher: Teacher, config: LossSpec | None = None
 ) -> TokenLosses:
     """Unchunked per-position CE and KD by plain autograd; materialises several (tokens, vocab) tensors.
 
     student_logits: (tokens, vocab); targets: (tokens,) int
     """
-    config = config or KDLossConfig()
-    logits = _upcast(student_logits)
+    config = config or LossSpec()
+    logits = upcast(student_logits)
     targets = targets.long()
     if isinstance(teacher, TopKTeacher):
-        selected, lse_rest = _topk_stats(logits, teacher.ids.long())
+        selected, lse_rest = topk_stats(logits, teacher.ids.long())
         target_logit = logits.gather(-1, targets[:, None]).squeeze(-1)
         return _topk_losses(selected, lse_rest, target_logit, teacher, logits.shape[-1], config)
     return _full_losses(logits, targets, teacher.full_logits(), config)
@@ -366,7 +125,7 @@ def _rest_exp_(logits: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _topk_chunk(
-    logits: Tensor, targets: Tensor, teacher: TopKTeacher, config: KDLossConfig, need_grad: bool
+    logits: Tensor, targets: Tensor, teacher: TopKTeacher, config: LossSpec, need_grad: bool
 ) -> tuple[TokenLosses, Tensor | None]:
     """Losses of one chunk and d(sum of (1 - lam) * CE + lam * KD)/d(logits), built in the logits' own buffer.
 
@@ -383,7 +142,7 @@ def _topk_chunk(
         if not need_grad:
             return losses.detach(), None
         leaves = [selected, target_logit, lse_rest]
-        g_sel, g_target, g_rest = torch.autograd.grad(losses.weighted_sum(config.lam), leaves)
+        g_sel, g_target, g_rest = torch.autograd.grad(losses.weighted_sum(config.kd_weight), leaves)
     grad = buf.mul_(torch.where(sums > 0, g_rest / sums, 0.0)[:, None])
     grad.scatter_(-1, ids, g_sel)  # ids are distinct; the buffer holds 0 there
     grad.scatter_add_(-1, targets[:, None], g_target[:, None])  # the target may be one of the ids
@@ -394,7 +153,7 @@ def _full_chunk(
     logits: Tensor,
     targets: Tensor,
     teacher: FullVocabTeacher | TeacherHead,
-    config: KDLossConfig,
+    config: LossSpec,
     need_grad: bool,
 ) -> tuple[TokenLosses, Tensor | None]:
     """Losses of one chunk and the gradient wrt its logits (t, vocab), by autograd local to the chunk."""
@@ -403,7 +162,7 @@ def _full_chunk(
         losses = _full_losses(logits, targets, teacher.full_logits(), config)
         if not need_grad:
             return losses.detach(), None
-        (grad,) = torch.autograd.grad(losses.weighted_sum(config.lam), [logits])
+        (grad,) = torch.autograd.grad(losses.weighted_sum(config.kd_weight), [logits])
     return losses.detach(), grad
 
 
@@ -437,21 +196,22 @@ class _ChunkedKD(torch.autograd.Function):
         weight: Tensor,
         targets: Tensor,
         teacher: Teacher,
-        config: KDLossConfig,
+        config: LossSpec,
+        chunk_size: int,
         need_hidden: bool,
         need_weight: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         n, need_grad = hidden.shape[0], need_hidden or need_weight
         grads = _Grads(
             torch.zeros_like(hidden) if need_hidden else None,
-            torch.zeros_like(weight, dtype=_upcast(weight).dtype) if need_weight else None,
+            torch.zeros_like(weight, dtype=upcast(weight).dtype) if need_weight else None,
         )
         chunk = _topk_chunk if isinstance(teacher, TopKTeacher) else _full_chunk
         parts: list[TokenLosses] = []
-        for start in range(0, n, config.chunk_size):
-            stop = min(start + config.chunk_size, n)
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
             h = hidden[start:stop]
-            logits = _upcast(h @ weight.T)
+            logits = upcast(h @ weight.T)
             rows_teacher = teacher.rows(start, stop)
             losses, grad_logits = chunk(logits, targets[start:stop], rows_teacher, config, need_grad)
             if grad_logits is not None:
@@ -461,7 +221,7 @@ class _ChunkedKD(torch.autograd.Function):
         per_token = _concat(parts, hidden)
         ctx.grads, ctx.weight_dtype = grads, weight.dtype
         ctx.mark_non_differentiable(per_token.ce, per_token.kd, per_token.topk_mass)
-        return per_token.weighted_sum(config.lam), per_token.ce, per_token.kd, per_token.topk_mass
+        return per_token.weighted_sum(config.kd_weight), per_token.ce, per_token.kd, per_token.topk_mass
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
@@ -471,12 +231,12 @@ class _ChunkedKD(torch.autograd.Function):
         ctx.grads = None  # scaled in place below: never hand the same buffers out twice
         grad_hidden = None if grads.hidden is None else grads.hidden.mul_(grad_loss.to(grads.hidden.dtype))
         grad_weight = None if grads.weight is None else grads.weight.mul_(grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def _concat(parts: list[TokenLosses], like: Tensor) -> TokenLosses:
     if not parts:
-        empty = like.new_zeros((0,), dtype=_upcast(like).dtype)
+        empty = like.new_zeros((0,), dtype=upcast(like).dtype)
         return TokenLosses(empty, empty.clone(), empty.clone())
     return TokenLosses(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ce", "kd", "topk_mass")))
 
@@ -542,17 +302,21 @@ def chunked_kd_loss(
     weight: Tensor,
     targets: Tensor,
     teacher: Teacher,
-    config: KDLossConfig | None = None,
+    config: LossSpec | None = None,
     segment_ids: Tensor | None = None,
+    chunk_size: int = CHUNK_SIZE,
 ) -> KDLossSums:
     """CE + KD from the student's final hidden states at the supervised positions, one chunk at a time.
 
     hidden: (tokens, d); weight: (vocab, d) the lm_head (no bias); targets: (tokens,) int next-token ids;
-    teacher: a signal with `tokens` rows; segment_ids: (tokens,) int in {0, 1, 2}, or None.
+    teacher: a signal with `tokens` rows; segment_ids: (tokens,) int in {0, 1, 2}, or None; chunk_size:
+    positions per vocabulary-projection chunk (memory: one (chunk_size, vocab) float32 buffer).
     Gradients flow to hidden and weight through `loss_sum` only (once; no double backward). Zero tokens give
     zero sums and zero gradients.
     """
-    config = config or KDLossConfig()
+    config = config or LossSpec()
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size {chunk_size} must be >= 1 (positions per vocabulary chunk)")
     _check_inputs(hidden, weight, targets, teacher, segment_ids)
     grad_on = torch.is_grad_enabled()
     loss_sum, ce, kd, mass = _ChunkedKD.apply(
@@ -561,6 +325,7 @@ def chunked_kd_loss(
         targets.long(),
         teacher,
         config,
+        chunk_size,
         grad_on and hidden.requires_grad,
         grad_on and weight.requires_grad,
     )
@@ -570,26 +335,4 @@ def chunked_kd_loss(
     return KDLossSums(loss_sum, ce.sum(), kd.sum(), mass.sum(), ce.shape[0], *segments)
 
 
-__all__ = [
-    "DIVERGENCES",
-    "NUM_SEGMENTS",
-    "Divergence",
-    "FullVocabTeacher",
-    "KDLossConfig",
-    "KDLossSums",
-    "Teacher",
-    "TeacherHead",
-    "TokenLosses",
-    "TopKTeacher",
-    "chunked_kd_loss",
-    "divergence",
-    "forward_kl",
-    "jsd",
-    "reverse_kl",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "student_topk_logprobs",
-    "teacher_topk_logprobs",
-    "token_losses",
-    "tvd",
-]
+__all__ = ["CHUNK_SIZE", "NUM_SEGMENTS", "KDLossSums", "TokenLosses", "chunked_kd_loss", "token_losses"]
