@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from raykd.files import write_json_atomic
+from raykd.trial import OK
 
 COLUMNS = [
     "trial_id",
@@ -67,13 +68,13 @@ def complete_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     full = {
         (r["segments"], r["seed"]): r
         for r in records
-        if r.get("status") == "ok" and math.isclose(r["fraction"], 1.0)
+        if r.get("status") == OK and math.isclose(r["fraction"], 1.0)
     }
     rows = []
     for rec in sorted(records, key=lambda r: (r["seed"], r["segments"], r["fraction"])):
         row = {col: rec.get(col) for col in COLUMNS}
         base = full.get((rec["segments"], rec["seed"]))
-        if base and rec.get("status") == "ok":
+        if base and rec.get("status") == OK:
             acc, base_acc = rec.get("accuracy"), base.get("accuracy")
             row["retained_pct"] = 100.0 * acc / base_acc if base_acc and acc is not None else None
             row["tokens_saved_pct"] = _saved(rec.get("kept_tokens"), base.get("kept_tokens"))
@@ -165,7 +166,7 @@ def aggregate_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((rec["fraction"], rec["segments"]), []).append(rec)
     stats = {}
     for key, group in groups.items():
-        ok = [r for r in group if r.get("status") == "ok" and r.get("accuracy") is not None]
+        ok = [r for r in group if r.get("status") == OK and r.get("accuracy") is not None]
         stats[key] = (ok, len(group) - len(ok), _seed_stats(ok) if ok else None)
     full = {seg: stats[(f, seg)] for f, seg in stats if math.isclose(f, 1.0) and stats[(f, seg)][2]}
     return [_aggregate(key, *stats[key], full.get(key[1])) for key in sorted(groups, key=lambda k: k[::-1])]
@@ -290,7 +291,7 @@ def markdown_table(
             lines.append(f"teacher accuracy (reference): {refs.teacher_accuracy:.3f}")
         if refs.student_base_accuracy is not None:
             lines.append(f"student base accuracy before distillation: {refs.student_base_accuracy:.3f}")
-    failed = [r for r in rows if r["status"] != "ok"]
+    failed = [r for r in rows if r["status"] != OK]
     for r in failed:
         lines.append(f"\n{r['trial_id']} failed: {r['error']}")
     return "\n".join(lines)
@@ -317,7 +318,7 @@ def _frontier_points(
     return [
         (r["segments"], r["flops"], r["accuracy"], r["stderr"] or 0.0, r["fraction"])
         for r in rows
-        if r["status"] == "ok" and r["flops"]
+        if r["status"] == OK and r["flops"]
     ]
 
 
