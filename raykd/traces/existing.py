@@ -58,7 +58,7 @@ def trace_rows(spec: Any, problems: list[Any]) -> dict[str, dict[str, Any]]:
 def tokenize_traces(batch: pa.Table, tokenizer_dir: str, max_tokens: int) -> pa.Table:
     """Chat prompt ids + completion ids (EOS appended) + segments from character offsets; rows whose
     completion exceeds ``max_tokens`` are dropped here and counted by the caller."""
-    from raykd.segments import segment_texts
+    from raykd.segments_text import segment_texts
 
     tokenizer = load_tokenizer(tokenizer_dir)
     systems = batch.column("system").to_pylist()
