@@ -16,7 +16,7 @@ from typing import Any
 
 from raykd import _compat
 from raykd.files import write_json_atomic
-from raykd.identity import plan_resume, run_identity
+from raykd.identity import Resume, plan_resume, run_identity
 from raykd.lock import FolderLocked, driver_lock
 from raykd.models import ModelError, ResolvedModel, check_pair, forwarded_env, resolve_models
 from raykd.plan import TRIAL_DRIVER, ModelPaths, Plan, TrialConfig, trial_config
@@ -223,6 +223,23 @@ def run_trials(spec: SweepSpec, plan: Plan, configs: list[TrialConfig]) -> None:
             write_record(plan.output_dir, cfg.trial_id, {**record_head(cfg, FAILED), "error": error})
 
 
+def _run_pending(
+    spec: SweepSpec, plan: Plan, resume: Resume, models: ModelPaths, paths: dict[str, str]
+) -> None:
+    """The trials not finished under their current settings (raykd.identity.plan_resume), each
+    marked started with its identity, then run in one Tune grid."""
+    pending = resume.pending
+    _log(f"{len(plan.trials) - len(pending)} trial(s) already finished, {len(pending)} to run")
+    if not pending:
+        return
+    configs = []
+    for trial in pending:
+        identity = resume.identities[trial.trial_id]
+        mark_started(plan.output_dir, trial.trial_id, identity)
+        configs.append(trial_config(spec, plan, trial, models, paths, identity))
+    run_trials(spec, plan, configs)
+
+
 def run_sweep(spec: SweepSpec, plan: Plan) -> int:
     """Run the sweep holding the output folder's driver lock; exit codes as in raykd.sweep."""
     try:
@@ -296,16 +313,8 @@ def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
         models = replace(models, teacher_accuracy=teacher_acc, student_accuracy=student_acc)
         clock.lap("references")
     resume = plan_resume(spec, plan.trials, plan.output_dir, shared)
-    pending = resume.pending
-    _log(f"{len(plan.trials) - len(pending)} trial(s) already finished, {len(pending)} to run")
-    if pending:
-        paths = {"traces_path": str(traces.path), "eval_problems_path": str(eval_path)}
-        configs = []
-        for t in pending:
-            identity = resume.identities[t.trial_id]
-            mark_started(plan.output_dir, t.trial_id, identity)
-            configs.append(trial_config(spec, plan, t, model_paths(spec, models), paths, identity))
-        run_trials(spec, plan, configs)
+    paths = {"traces_path": str(traces.path), "eval_problems_path": str(eval_path)}
+    _run_pending(spec, plan, resume, model_paths(spec, models), paths)
     clock.lap("trials")
 
     records = [resume.finished(plan.output_dir, t) for t in plan.trials]
