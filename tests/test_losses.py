@@ -495,3 +495,26 @@ def test_importing_raykd_kd_loads_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_pure_math_modules_import_no_ray_deepspeed_or_vllm() -> None:
+    """Losses, teacher signals, truncation, masks and segmentation are plain tensor/array functions: the Ray,
+    DeepSpeed and vLLM layers call them, never the other way round."""
+    modules = (
+        "raykd.kd.divergences",
+        "raykd.kd.teachers",
+        "raykd.kd.losses",
+        "raykd.kd.examples",
+        "raykd.kd.batching",
+        "raykd.truncation",
+        "raykd.segments",
+        "raykd.segments_text",
+    )
+    code = (
+        f"import sys\nfor m in {modules!r}: __import__(m)\n"
+        "print(sorted(m for m in ('ray', 'deepspeed', 'vllm', 'transformers') if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
