@@ -24,7 +24,7 @@ from typing import Any
 
 from raykd.kd import batching, checkpoint
 from raykd.kd.checkpoint import Position, RankState
-from raykd.kd.examples import load_shard, shard_digest
+from raykd.kd.examples import TrialData, load_shard, shard_digest
 from raykd.kd.metrics import Totals, all_reduce, final_metrics, interval_metrics
 from raykd.plan import TrialConfig
 
@@ -69,8 +69,6 @@ class _Run:
     # -------------------------------------------------------------------------------------- setup
 
     def setup(self, shard: Any, saved: Any) -> None:
-        from raykd.kd.examples import TrialData
-
         started = time.perf_counter()
         self.examples, self.prep = load_shard(shard, TrialData.of(self.cfg))
         self._check_examples()
