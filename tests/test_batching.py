@@ -91,7 +91,7 @@ def test_prompt_targets_use_prompt_rows_or_are_marked_without_teacher():
 def test_teacher_rows_describe_each_target(policy: str, fraction: float, prompt_logprobs: bool):
     # synthetic traces put the true next token first in every top-k row: an independent alignment check
     rows = synthetic_rows(12, vocab=64, k=4, seed=3, prompt_logprobs=prompt_logprobs)
-    examples, _ = _prepare(rows, fraction=fraction, policy=policy)
+    examples, _ = _prepare(rows, fraction=fraction, truncation_policy=policy)
     assert examples
     for ex in examples:
         with_teacher = ex.has_teacher
@@ -104,7 +104,7 @@ def test_teacher_rows_describe_each_target(policy: str, fraction: float, prompt_
 
 def test_window_right_keeps_the_last_tokens():
     rows = _rows(_row([40, 41], [50, 51, 52, 53, 54, 55], [60]))  # L = 12
-    (ex,), _ = _prepare(rows, fraction=0.5, policy="window_right")
+    (ex,), _ = _prepare(rows, fraction=0.5, truncation_policy="window_right")
     assert ex.kept_tokens == 6
     # kept: 53 54 55 </think> 60 EOS; the window's first token is never a target
     assert ex.target_ids.tolist() == [54, 55, THINK_CLOSE, 60, EOS]
@@ -134,7 +134,7 @@ def test_random_label_mask_drops_labels_not_compute_and_ignores_batching():
 
 def test_budget_matched_keeps_full_sequences_within_the_lead_span_budget():
     rows = synthetic_rows(30, vocab=64, k=2, seed=2)
-    trial = TrialData(fraction=0.5, policy="budget_matched")
+    trial = TrialData(fraction=0.5, truncation_policy="budget_matched")
     examples, _ = prepare_examples(rows, trial)
     kept, dropped = select_budget(sort_by_key(examples), trial)
     budget = sum(math.ceil(0.5 * e.full_tokens) for e in examples)
@@ -164,8 +164,8 @@ def test_bad_rows_are_clear_errors():
     short["topk_ids"] = short["topk_ids"][:-1]
     with pytest.raises(ValueError, match="len\\(completion_ids\\) \\* k"):
         _prepare(_rows(short))
-    with pytest.raises(ValueError, match="truncation policy"):
-        TrialData(policy="lead")
+    with pytest.raises(ValueError, match="truncation_policy 'lead' is not one of"):
+        TrialData(truncation_policy="lead")
 
 
 # ------------------------------------------------------------------------------------------ epoch plans

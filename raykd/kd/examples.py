@@ -48,7 +48,7 @@ class TrialData:
     """How one trial cuts and labels its traces."""
 
     fraction: float = 1.0
-    policy: str = "lead_span"
+    truncation_policy: str = "lead_span"
     segments: tuple[str, ...] = SEGMENT_NAMES
     random_label_mask: float = 0.0
     seed: int = 0
@@ -60,8 +60,9 @@ class TrialData:
         return cls(cfg.fraction, t.truncation_policy, cfg.segments, t.random_label_mask, cfg.seed)
 
     def __post_init__(self) -> None:
-        if self.policy not in truncation.POLICIES:
-            raise ValueError(f"truncation policy {self.policy!r} is not one of {list(truncation.POLICIES)}")
+        if self.truncation_policy not in truncation.POLICIES:
+            policies = list(truncation.POLICIES)
+            raise ValueError(f"truncation_policy {self.truncation_policy!r} is not one of {policies}")
         truncation.as_fraction(self.fraction)
         truncation.segment_codes(self.segments)
 
@@ -213,7 +214,7 @@ def _teacher_rows(
 
 
 def _windows(trial: TrialData, seg: Segmentation) -> truncation.Windows:
-    return truncation.make_windows(trial.policy, seg, trial.fraction)
+    return truncation.make_windows(trial.truncation_policy, seg, trial.fraction)
 
 
 def prepare_examples(rows: Mapping[str, Any], trial: TrialData) -> tuple[list[Example], PrepStats]:
@@ -326,7 +327,7 @@ def select_budget(examples: list[Example], trial: TrialData) -> tuple[list[Examp
     Call it on the shard in `sort_by_key` order (the selection is seeded). Other policies return the examples
     unchanged. Returns (kept examples in their original order, number dropped).
     """
-    if trial.policy != "budget_matched":
+    if trial.truncation_policy != "budget_matched":
         return examples, 0
     full = np.fromiter((e.full_tokens for e in examples), np.int64, len(examples))
     chosen = np.sort(truncation.budget_matched(full, trial.fraction, trial.seed))
