@@ -71,4 +71,9 @@ def test_reduced_smollm2_sweep_runs_end_to_end(smol: Any, cache_dir: Path, tmp_p
     assert ended + counts["truncated"] == 4
     student = Path(record["student_dir"])
     assert json.loads((student / "generation_config.json").read_text())["eos_token_id"] == [2]  # <|im_end|>
-    assert record["trial_id"] in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert record["trial_id"] in table
+    # the teacher and the base student measured on the same held-out problems, by the same rules
+    references = json.loads((out / "references.json").read_text())
+    assert 0 <= references["teacher_accuracy"] <= 1 and 0 <= references["student_accuracy"] <= 1
+    assert f"teacher accuracy (reference): {references['teacher_accuracy']:.3f}" in table

@@ -88,7 +88,7 @@ def test_padded_pair_passes_the_driver_checks(tokenizer_dir: Path, tmp_path: Pat
     # the other way round too: a student with more rows than the teacher
     checks.check_vocabulary(str(student), str(teacher))
     short = model_folder(tmp_path / "short", tokenizer_dir, n - 1)
-    with pytest.raises(checks.TraceSetupError, match=rf"emits ids up to {n - 1} but .* has {n - 1} rows"):
+    with pytest.raises(checks.SetupError, match=rf"emits ids up to {n - 1} but .* has {n - 1} rows"):
         checks.check_vocabulary(str(teacher), str(short))
 
 
@@ -129,7 +129,7 @@ def test_one_token_mapped_otherwise_is_refused_before_generation(tokenizer_dir: 
     student = renamed_token(model_folder(tmp_path / "student", tokenizer_dir, n), "<think>", "<reason>")
     think = AutoTokenizer.from_pretrained(tokenizer_dir).convert_tokens_to_ids("<think>")
     out = tmp_path / "out"
-    with pytest.raises(checks.TraceSetupError) as caught:
+    with pytest.raises(checks.SetupError) as caught:
         generate_traces(
             make_spec(), make_problems("cups", "train", 2, 0), teacher, teacher, out, student_dir=student
         )
@@ -169,7 +169,7 @@ def test_no_chat_template_anywhere_is_refused_naming_both_models(tokenizer_dir: 
     teacher = base_student(tmp_path / "teacher", tokenizer_dir, n)
     student = base_student(tmp_path / "student", tokenizer_dir, n)
     out = tmp_path / "out"
-    with pytest.raises(checks.TraceSetupError) as caught:
+    with pytest.raises(checks.SetupError) as caught:
         generate_traces(
             make_spec(), make_problems("cups", "train", 2, 0), teacher, teacher, out, student_dir=student
         )
@@ -177,7 +177,7 @@ def test_no_chat_template_anywhere_is_refused_naming_both_models(tokenizer_dir: 
     assert f"teacher.model {teacher} has no chat template, nor has student.model {student}" in message
     assert not out.exists()
     with_template = model_folder(tmp_path / "instruct", tokenizer_dir, n)
-    with pytest.raises(checks.TraceSetupError, match=r"has no chat template \(student.model .* has one\)"):
+    with pytest.raises(checks.SetupError, match=r"has no chat template \(student.model .* has one\)"):
         preflight(make_spec(), str(teacher), str(teacher), str(with_template))
 
 
