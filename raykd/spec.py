@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -129,12 +129,20 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    """The section model a field holds: the model itself, or the item model of a list (evaluation.sets)."""
+    if get_origin(annotation) is list:
+        annotation = get_args(annotation)[0]
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     model: type[BaseModel] | None = SweepSpec
     for part in loc[:-1]:
+        if isinstance(part, int):  # the index of a list item: the model stays the item's
+            continue
         field = model.model_fields.get(str(part)) if model else None
-        ann = field.annotation if field else None
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        model = _section_of(field.annotation) if field else None
     return model
 
 
@@ -226,9 +234,10 @@ def field_help(model: type[BaseModel] = SweepSpec, prefix: str = "") -> list[str
     for name, field in model.model_fields.items():
         ann = field.annotation
         key = f"{prefix}{name}"
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
+        section = _section_of(ann)
+        if section is not None:
             lines.append(f"{key}: {field.description}")
-            lines.extend(field_help(ann, key + "."))
+            lines.extend(field_help(section, key + ("[]." if section is not ann else ".")))
             continue
         default = (
             "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"

@@ -99,6 +99,20 @@ def check_models(spec: SweepSpec) -> int:
     return EXIT_OK
 
 
+def check_eval_sets(spec: SweepSpec) -> int:
+    """The dry run's evaluation-set check: every set's file read, its fields and reference answers checked."""
+    from raykd.evalsets import EvalSetError, describe_sets, read_sets
+
+    try:
+        sets = read_sets(spec)
+    except EvalSetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if sets:
+        print(describe_sets(sets, spec.problems.eval_size))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -117,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(spec)
     print(describe_plan(spec, plan))
     if args.dry_run:
-        return check_models(spec)
+        return check_models(spec) or check_eval_sets(spec)
     from raykd.run import run_sweep  # heavy imports (ray) only when running for real
 
     return run_sweep(spec, plan)

@@ -1,0 +1,193 @@
+"""Evaluation sets: the AIME, MATH-500 and GPQA layouts read from fixture files, per-set settings, and bad
+input refused with the set and key named (in the spec, when reading, and by the dry run)."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from raykd.evalsets import EvalSetError, EvalSetSpec, choice_prompt, read_set, read_sets
+from raykd.problems.answers import extract_answer, is_correct
+from raykd.spec import EvaluationSpec, SpecError, parse_spec
+
+FIXTURES = Path(__file__).parent / "fixtures" / "evalsets"
+EVAL = EvaluationSpec(samples=2, temperature=0.6, top_p=0.95, max_tokens=512)
+
+
+def eval_set(**kw: Any) -> EvalSetSpec:
+    return EvalSetSpec.model_validate({"name": "s"} | kw)
+
+
+def test_aime_layout_with_numeric_answers_and_evaluation_defaults() -> None:
+    got = read_set(eval_set(name="aime24", path=str(FIXTURES / "aime.jsonl")), EVAL, "exact")
+    assert [p.answer for p in got.problems] == ["204", "25", "809"]  # numbers in the file become text
+    assert [p.id for p in got.problems] == ["aime24-0", "aime24-1", "aime24-2"]
+    assert got.problems[1].prompt.startswith("There exist real numbers x and y")
+    assert (got.check, got.samples, got.temperature, got.top_p, got.max_tokens) == ("math", 2, 0.6, 0.95, 512)
+    assert got.max_completion_tokens == 3 * 2 * 512 and got.unparseable == 0
+    own_ids = read_set(eval_set(path=str(FIXTURES / "aime.jsonl"), id_field="id", limit=2), EVAL, "exact")
+    assert [p.id for p in own_ids.problems] == ["2024-I-1", "2024-I-2"]
+
+
+def test_math500_layout_from_parquet_and_a_saved_datasets_folder(tmp_path: Path) -> None:
+    import datasets
+
+    spec = eval_set(
+        name="math500",
+        path=str(FIXTURES / "math500.parquet"),
+        id_field="unique_id",
+        samples=4,
+        temperature=0.0,
+        max_tokens=32768,
+    )
+    got = read_set(spec, EVAL, "exact")
+    assert [p.answer for p in got.problems] == ["\\left( 3, \\frac{\\pi}{2} \\right)", "\\frac{14}{3}", "4"]
+    assert got.problems[0].id == "test/precalculus/807.json"
+    assert (got.samples, got.temperature, got.top_p, got.max_tokens) == (4, 0.0, 0.95, 32768)
+    folder = tmp_path / "math500"
+    datasets.DatasetDict(
+        {"test": datasets.Dataset.from_parquet(str(FIXTURES / "math500.parquet"))}
+    ).save_to_disk(str(folder))
+    from_folder = read_set(spec.model_copy(update={"path": str(folder), "split": "test"}), EVAL, "exact")
+    assert from_folder.problems == got.problems
+
+
+def letter_of(prompt: str, text: str) -> str:
+    return next(line[0] for line in prompt.splitlines() if line[1:3] == ") " and line[3:] == text)
+
+
+def test_gpqa_layout_letters_the_shuffled_choices_and_boxed_letters_score() -> None:
+    spec = eval_set(name="gpqa", path=str(FIXTURES / "gpqa.jsonl"), layout="gpqa", id_field="Record ID")
+    got = read_set(spec, EVAL, "exact")
+    assert [p.id for p in got.problems] == ["rec1", "rec2"]
+    first = got.problems[0]
+    for text in ("-0.7", "0.85", "1.65", "-1.4"):
+        assert any(line.endswith(f") {text}") for line in first.prompt.splitlines())
+    assert first.answer == letter_of(first.prompt, "-0.7")  # the letter of the correct answer
+    assert letter_of(got.problems[1].prompt, "Argon") == got.problems[1].answer
+    assert first.prompt.endswith("Put the letter of the correct choice (A, B, C or D) in \\boxed{}.")
+    assert read_set(spec, EVAL, "exact").problems == got.problems  # the same order every run
+    wrong = next(c for c in "ABCD" if c != first.answer)
+    assert is_correct(
+        extract_answer(f"<think>x</think> \\boxed{{{first.answer}}}", "math"), first.answer, "math"
+    )
+    assert not is_correct(
+        extract_answer(f"<think>x</think> \\boxed{{{wrong}}}", "math"), first.answer, "math"
+    )
+
+
+def test_choices_layout_takes_an_index_a_letter_or_the_text() -> None:
+    spec = eval_set(path=str(FIXTURES / "choices.jsonl"), layout="choices", choices_field="choices")
+    got = read_set(spec, EVAL, "exact")
+    assert [p.answer for p in got.problems] == ["B", "B", "B"]
+    assert got.problems[1].prompt == choice_prompt(
+        "Which planet is closest to the Sun?", ["Venus", "Mercury", "Earth"]
+    )
+    assert "(A, B or C)" in got.problems[1].prompt and "C) Earth" in got.problems[1].prompt
+
+
+def test_heldout_set_takes_the_split_and_the_problems_check() -> None:
+    from raykd.problems.tasks import make_problems
+
+    heldout = make_problems("cups", "eval", 5, seed=0)
+    got = read_set(eval_set(name="heldout", source="heldout", max_tokens=64), EVAL, "exact", heldout)
+    assert got.problems == heldout and (got.check, got.max_tokens, got.samples) == ("exact", 64, 2)
+
+
+TINY = Path(__file__).parents[1] / "sweeps" / "tiny.yaml"
+
+
+def spec_with_sets(*sets: dict[str, Any]) -> dict[str, Any]:
+    """sweeps/tiny.yaml with these evaluation sets."""
+    spec = yaml.safe_load(TINY.read_text())
+    spec["evaluation"] = {"samples": 2, "max_tokens": 100, "sets": list(sets)}
+    return spec
+
+
+def spec_problems(*sets: dict[str, Any]) -> list[str]:
+    with pytest.raises(SpecError) as error:
+        parse_spec(spec_with_sets(*sets))
+    return error.value.problems
+
+
+def test_spec_rules_name_the_set_and_key() -> None:
+    aime = {"name": "aime24", "path": "aime.jsonl"}
+    [unknown] = spec_problems(aime | {"check": "fuzzy"})
+    assert (
+        unknown.startswith("evaluation.sets[0].check: 'fuzzy' is invalid") and "'exact' or 'math'" in unknown
+    )
+    [twice] = spec_problems(aime, {"name": "math500", "path": "m.parquet"}, aime)
+    assert twice.startswith("evaluation.sets: ") and "'aime24' is used by sets 0 and 2" in twice
+    [no_path] = spec_problems({"name": "x"})
+    assert no_path.startswith("evaluation.sets[0]: set 'x': path is required")
+    [heldout] = spec_problems({"name": "h", "source": "heldout", "path": "a.jsonl"})
+    assert "source 'heldout'" in heldout and "drop path" in heldout
+    [choices] = spec_problems({"name": "c", "path": "c.jsonl", "layout": "choices"})
+    assert "needs choices_field" in choices
+    [exact] = spec_problems({"name": "g", "path": "g.jsonl", "layout": "gpqa", "check": "exact"})
+    assert "use check: math" in exact
+    [uri] = spec_problems({"name": "u", "path": "s3://bucket/aime.jsonl"})
+    assert "is a URI" in uri
+    [typo] = spec_problems(aime | {"answer_feild": "a"})
+    assert typo == "evaluation.sets[0].answer_feild: unknown key; did you mean 'answer_field'?"
+    [name] = spec_problems({"name": "aime 24", "path": "a.jsonl"})
+    assert name.startswith("evaluation.sets[0].name:")
+    parsed = parse_spec(spec_with_sets(aime, {"name": "math500", "path": "m.parquet", "samples": 4}))
+    assert [s.name for s in parsed.evaluation.sets] == ["aime24", "math500"]
+
+
+def test_bad_files_are_reported_at_once_naming_set_and_key(tmp_path: Path) -> None:
+    spec = parse_spec(
+        spec_with_sets(
+            {"name": "aime24", "path": str(FIXTURES / "aime.jsonl")},
+            {"name": "short", "path": str(FIXTURES / "missing_answer.jsonl")},
+            {"name": "shapes", "path": str(FIXTURES / "unparseable_answers.jsonl")},
+            {"name": "gone", "path": str(tmp_path / "nowhere.jsonl")},
+            {"name": "renamed", "path": str(FIXTURES / "aime.jsonl"), "prompt_field": "question"},
+        )
+    )
+    with pytest.raises(EvalSetError) as error:
+        read_sets(spec)
+    short, shapes, gone, renamed = error.value.problems
+    assert short.startswith("evaluation.sets[1] ('short').answer_field: ") and "row 1" in short
+    assert shapes.startswith(
+        "evaluation.sets[2] ('shapes').answer_field: none of the 2 reference answers parse"
+    )
+    assert gone.startswith("evaluation.sets[3] ('gone').path: ") and "no such file" in gone
+    assert renamed.startswith("evaluation.sets[4] ('renamed').prompt_field: ") and "fields present" in renamed
+    assert str(error.value).startswith("4 problem(s) with evaluation.sets")
+
+
+def test_relative_paths_are_read_from_the_shell_directory(tmp_path: Path) -> None:
+    spec = parse_spec(spec_with_sets({"name": "aime24", "path": "fixtures/evalsets/aime.jsonl"}))
+    [got] = read_sets(spec, cwd=Path(__file__).parent)
+    assert len(got.problems) == 3
+
+
+def test_dry_run_prints_each_set_and_refuses_a_bad_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from raykd.sweep import main
+
+    spec = spec_with_sets(
+        {"name": "aime24", "path": str(FIXTURES / "aime.jsonl"), "samples": 4},
+        {"name": "heldout", "source": "heldout"},
+    )
+    spec["output"] = {"dir": str(tmp_path / "out")}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "eval set 'aime24': 3 problems x 4 samples (check math" in out and "at most 1,200 tokens" in out
+    assert f"eval set 'heldout': {spec['problems']['eval_size']} problems x 2 samples" in out
+    spec["evaluation"]["sets"][0]["path"] = str(FIXTURES / "missing_answer.jsonl")
+    path.write_text(yaml.safe_dump(spec))
+    assert main([str(path), "--dry-run"]) == 2
+    assert "evaluation.sets[0] ('aime24').answer_field" in capsys.readouterr().err
+
+
+def test_letters_cover_up_to_26_choices() -> None:
+    prompt = choice_prompt("q", [str(i) for i in range(26)])
+    assert prompt.splitlines()[-3].startswith("Z) ") and string.ascii_uppercase[-1] in prompt
