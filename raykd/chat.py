@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raykd import _compat
+from raykd.files import read_model_config, write_json_atomic
 
 # Assistant content whose rendering shows what the template writes right after a turn.
 _SENTINEL = "RAYKDENDOFTURNPROBE"
@@ -61,12 +62,10 @@ def end_of_turn(tokenizer: Any) -> int | None:
 def model_eos_ids(model_dir: str | Path) -> list[int]:
     """The EOS ids a model folder declares (generation_config.json first, then config.json)."""
     found: list[int] = []
-    for name in ("generation_config.json", "config.json"):
-        path = Path(model_dir) / name
-        if not path.is_file():
-            continue
-        data = json.loads(path.read_text())
-        value = data.get("eos_token_id", data.get("text_config", {}).get("eos_token_id"))
+    path = Path(model_dir) / "generation_config.json"
+    generation = json.loads(path.read_text()) if path.is_file() else {}
+    for data in (generation, read_model_config(model_dir)):  # config.json: its text model's part first
+        value = data.get("eos_token_id")
         for eos in value if isinstance(value, list) else [value]:
             if isinstance(eos, int) and eos not in found:
                 found.append(eos)
@@ -88,5 +87,5 @@ def write_generation_config(folder: str | Path, tokenizer: Any, base_dir: str | 
     config["eos_token_id"] = eos
     if config.get("pad_token_id") is None and tokenizer.pad_token_id is not None:
         config["pad_token_id"] = tokenizer.pad_token_id
-    path.write_text(json.dumps(config, indent=2) + "\n")
+    write_json_atomic(path, config, sort_keys=False, newline=True)
     return eos
