@@ -51,13 +51,18 @@ class VllmEngine:
         print(f"[raykd] vLLM engine for {config.model} ready in {self.startup_s:.1f} s{where}", file=console)
         console.flush()
 
-    def generate(self, prompts: list[list[int]], seeds: list[int], sampling: dict[str, Any]) -> list[dict]:
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], sampling: dict[str, Any] | list[dict[str, Any]]
+    ) -> list[dict]:
         """Sample one completion per prompt. ``sampling``: temperature, top_p, max_tokens, logprobs (k, or
-        None for ids and finish reason only) and prompt_logprobs (k or None). One dict per prompt
-        (`raykd.engine.outputs.completion_arrays` / `completion_ids_only`)."""
+        None for ids and finish reason only) and prompt_logprobs (k or None); one dict for every prompt, or
+        a list with one per prompt (evaluation sets with their own settings, in one engine and one batch),
+        all with the same logprobs. One dict per prompt (`raykd.engine.outputs.completion_arrays` /
+        `completion_ids_only`)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        each = sampling if isinstance(sampling, list) else [sampling] * len(seeds)
         params = [
             SamplingParams(
                 n=1,
@@ -65,14 +70,15 @@ class VllmEngine:
                 detokenize=False,  # texts are decoded from the ids by the caller; skips per-logprob decoding
                 flat_logprobs=True,
                 skip_special_tokens=False,
-                **sampling,
+                **settings,
             )
-            for seed in seeds
+            for seed, settings in zip(seeds, each, strict=True)
         ]
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
         )
-        k, prompt_k = sampling.get("logprobs"), sampling.get("prompt_logprobs")
+        first = each[0] if each else {}
+        k, prompt_k = first.get("logprobs"), first.get("prompt_logprobs")
         if k is None:  # evaluation: ids and finish reason only
             return [completion_ids_only(out) for out in outputs]
         return [completion_arrays(out, k, prompt_k) for out in outputs]
@@ -104,7 +110,7 @@ def run_engine(
     config: EngineConfig,
     prompts: list[list[int]],
     seeds: list[int],
-    sampling: dict[str, Any],
+    sampling: dict[str, Any] | list[dict[str, Any]],
     num_cpus: float,
     resources: dict[str, float] | None = None,
 ) -> list[dict]:
