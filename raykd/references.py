@@ -27,7 +27,8 @@ def measure(
     """(teacher accuracy, base student accuracy) on ``eval_problems``; ``identity`` is the run's shared
     identity (raykd.identity.run_identity: models and held-out problems by content)."""
     key = {
-        "identity": identity,
+        # the models and the held-out problems; not the traces, which only the trained students see
+        "identity": {name: value for name, value in identity.items() if name != "traces.key"},
         "evaluation": spec.evaluation.model_dump(mode="json"),
         "answer_check": spec.problems.answer_check,
     }

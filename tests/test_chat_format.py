@@ -55,11 +55,11 @@ def test_base_student_is_trained_saved_and_evaluated_in_the_teachers_format(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from raykd.chat import chat_prompt_ids
     from raykd.evaluate import evaluate_student
     from raykd.kd.trainer import build_trainer
     from raykd.spec import EvaluationSpec
     from raykd.traces import generate_traces
-    from raykd.traces.stages import chat_prompt_ids
 
     teacher = padded_teacher(models.teacher_dir, tmp_path / "teacher", extra=64)
     base = as_base(shutil.copytree(models.student_dir, tmp_path / "base"))
@@ -68,7 +68,7 @@ def test_base_student_is_trained_saved_and_evaluated_in_the_teachers_format(
     assert AutoTokenizer.from_pretrained(base).chat_template is None
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        problems = make_problems("cups", "train", 16, seed=7)
+        problems = make_problems("cups", "train", 8, seed=7)
         spec = make_spec(temperature=0.0, max_tokens=PROMPT_MAX_TOKENS)
         traces = generate_traces(spec, problems, teacher, teacher, tmp_path / "out", student_dir=base)
         cfg = _train_cfg(
@@ -88,7 +88,7 @@ def test_base_student_is_trained_saved_and_evaluated_in_the_teachers_format(
         data = {"train": ray.data.read_parquet(str(traces.path))}
         result = build_trainer(cfg, data).fit()
         student = Path(result.metrics["student_dir"])
-        assert result.metrics["step"] == 4 and result.metrics["kd"] > 0  # 16 traces, 4 per step, online KD
+        assert result.metrics["step"] == 2 and result.metrics["kd"] > 0  # 8 traces, 4 per step, online KD
 
         # the folder holds the traces' tokenizer and template, and stops on <|im_end|> and its own EOS
         saved = AutoTokenizer.from_pretrained(student)
@@ -97,15 +97,6 @@ def test_base_student_is_trained_saved_and_evaluated_in_the_teachers_format(
         assert generation["eos_token_id"] == [im_end, endoftext]
 
         held_out = make_problems("cups", "eval", 16, seed=7)
-        spec = EvaluationSpec(samples=1, temperature=0.0, max_tokens=PROMPT_MAX_TOKENS)
-        evaluation = evaluate_student(student, held_out, spec, "exact")
-        print(
-            f"evaluation of the trained base student: {evaluation.counts}, truncated share "
-            f"{evaluation.share('truncated'):.3f}, ended at <|im_end|> {evaluation.end_of_turn}/16, "
-            f"accuracy {evaluation.accuracy:.3f}"
-        )
-        assert evaluation.share("truncated") <= 1 / 16
-        assert evaluation.end_of_turn >= 15
 
         # defined here so Ray ships it by value (a worker cannot import this test module)
         def vllm_chat(folder: str, prompt: str) -> dict[str, Any]:
@@ -123,8 +114,20 @@ def test_base_student_is_trained_saved_and_evaluated_in_the_teachers_format(
             llm.llm_engine.engine_core.shutdown()
             return result
 
+        # vLLM's chat path and raykd's evaluation each start an engine: side by side, not one after the other
         remote = ray.remote(num_cpus=1)(vllm_chat)
-        chat = ray.get(remote.remote(str(student), held_out[0].prompt))
+        chat_ref = remote.remote(str(student), held_out[0].prompt)
+        spec = EvaluationSpec(samples=1, temperature=0.0, max_tokens=PROMPT_MAX_TOKENS)
+        evaluation = evaluate_student(student, held_out, spec, "exact")
+        print(
+            f"evaluation of the trained base student: {evaluation.counts}, truncated share "
+            f"{evaluation.share('truncated'):.3f}, ended at <|im_end|> {evaluation.end_of_turn}/16, "
+            f"accuracy {evaluation.accuracy:.3f}"
+        )
+        assert evaluation.share("truncated") <= 1 / 16
+        assert evaluation.end_of_turn >= 15
+
+        chat = ray.get(chat_ref)
     finally:
         ray.shutdown()
     # vLLM renders with the folder's (the teacher's) template and stops on <|im_end|> by itself
