@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raykd.plan import Trial
+from raykd.grid import Trial
 from raykd.spec import SweepSpec
 from raykd.traces.store import fingerprint_path, problems_digest
 from raykd.trial import OK, read_record, read_started, retire

@@ -15,10 +15,10 @@ from typing import Any, get_args, get_origin
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from raykd.grid import SEGMENT_SHORT
 from raykd.spec_sections import (
     DIVERGENCES,
     SEGMENT_NAMES,
-    SEGMENT_SHORT,
     TRUNCATION_POLICIES,
     AnswerCheck,
     Divergence,

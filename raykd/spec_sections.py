@@ -13,10 +13,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from raykd.evalsets import EvalSetSpec, unique_set_names
+from raykd.grid import duplicate_trial_ids, grid_trials
 from raykd.segments import SEGMENT_NAMES
 from raykd.truncation import POLICIES as TRUNCATION_POLICIES
 
-SEGMENT_SHORT = {"prompt": "P", "cot": "CoT", "answer": "A"}  # the paper's notation, as in 'P+CoT+A'
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 Divergence = Literal[DIVERGENCES]  # type: ignore[valid-type]
 AnswerCheck = Literal["exact", "math"]
@@ -329,8 +329,6 @@ class SweepAxes(Section):
     @model_validator(mode="after")
     def _distinct_trial_ids(self) -> SweepAxes:
         # Two grid points with one id would share a folder and a record (one result shown for both).
-        from raykd.plan import duplicate_trial_ids, grid_trials  # plan imports this module
-
         clashes = duplicate_trial_ids(grid_trials(self))
         if clashes:
             named = "; ".join(

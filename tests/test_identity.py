@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from raykd.grid import Trial, duplicate_trial_ids, fraction_label, grid_trials
 from raykd.identity import changed_keys, fingerprint, plan_resume, run_identity, trial_settings
-from raykd.plan import Trial, duplicate_trial_ids, fraction_label, grid_trials, make_plan
+from raykd.plan import make_plan
 from raykd.problems.tasks import Problem
 from raykd.report import write_results
 from raykd.spec import SpecError, SweepAxes, SweepSpec, parse_spec
