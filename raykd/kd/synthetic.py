@@ -43,7 +43,7 @@ def synthetic_rows(
     seed: int = 0,
     prompt_logprobs: bool = False,
 ) -> dict[str, list[Any]]:
-    """n trace rows as column lists (the Parquet schema of CONTRACT.md). Lengths are inclusive ranges."""
+    """n trace rows as column lists (raykd.traces.store.trace_schema). Lengths are inclusive ranges."""
     if k > vocab:
         raise ValueError(f"k = {k} exceeds the vocabulary ({vocab})")
     rng = np.random.default_rng(seed)

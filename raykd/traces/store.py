@@ -57,7 +57,7 @@ TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "prompt_topk_ids", "prompt_topk_log
 ZSTD_LEVEL = 9  # shards are written once and read by every trial: a slower, tighter level pays
 
 
-# --- the row schema (CONTRACT.md "Trace rows") -----------------------------------------------------------
+# --- the row schema: what every trace row holds, generated or scored -------------------------------------
 
 
 def trace_schema(extra: Sequence[pa.Field] = ()) -> pa.Schema:
