@@ -1,4 +1,5 @@
-"""Evaluate a student with vLLM: sample answers to held-out problems, check them, report pass@1.
+"""Evaluate a student with vLLM: sample answers to held-out problems or named evaluation sets, check them,
+report pass@1 (and pass@k).
 
 Called inside a Ray Tune trial after training (`raykd.trial.run_trial`), or anywhere else:
 
@@ -56,6 +57,30 @@ def evaluate_student(
     problems: list[Any],
     eval_spec: Any,
     check_kind: str,
+    **engine: Any,
+) -> EvalResult:
+    """Sample ``eval_spec.samples`` completions per problem (temperature, top_p, max_tokens from
+    ``eval_spec``: raykd.spec.EvaluationSpec) and score them with ``check_kind`` ('exact' or 'math').
+    ``engine``: the keyword arguments of `evaluate_sets`."""
+    from raykd.evalsets import EvalSet
+
+    if not problems:
+        raise ValueError("no eval problems; set problems.eval_size to at least 1")
+    one = EvalSet(
+        name="evaluation",
+        problems=problems,
+        check=check_kind,
+        samples=eval_spec.samples,
+        temperature=eval_spec.temperature,
+        top_p=eval_spec.top_p,
+        max_tokens=eval_spec.max_tokens,
+    )
+    return evaluate_sets(model_dir, [one], **engine)["evaluation"]
+
+
+def evaluate_sets(
+    model_dir: str | Path,
+    sets: list[Any],
     *,
     tokenizer_dir: str | Path | None = None,
     gpus: int = 0,
@@ -63,15 +88,19 @@ def evaluate_student(
     resources: dict[str, float] | None = None,
     trust_remote_code: bool = False,
     log_file: str | None = None,
-) -> EvalResult:
-    """Sample ``eval_spec.samples`` completions per problem (temperature, top_p, max_tokens from
-    ``eval_spec``: raykd.spec.EvaluationSpec) and score them with ``check_kind`` ('exact' or 'math').
+    completions_dir: str | Path | None = None,
+) -> dict[str, EvalResult]:
+    """Evaluate every set (`raykd.evalsets.EvalSet`: problems, check, samples, temperature, top-p, max
+    tokens) with one engine, in one batch: each request carries its set's sampling. Returns an EvalResult
+    per set name; their ``seconds`` is the whole evaluation's (the sets share the batch).
 
     Prompts are rendered with the chat template of ``tokenizer_dir`` exactly as the training prompts were
     (`raykd.chat.chat_prompt_ids`), and sampling stops on that template's end-of-turn token and on the
     model's own EOS ids (raykd.chat.stop_ids). tokenizer_dir defaults to model_dir (a trained student's
     folder holds the traces' tokenizer and template); for a base model name the teacher's. gpus /
-    num_cpus / resources (custom) are what the engine actor asks Ray for.
+    num_cpus / resources (custom) are what the engine actor asks Ray for. With ``completions_dir``, every
+    completion is kept in ``<completions_dir>/<set>.jsonl`` (problem id, sample, text, finish reason,
+    status), so a result can be recounted or read.
     """
     from raykd import chat
 
@@ -79,39 +108,95 @@ def evaluate_student(
     model_dir = str(model_dir)
     tokenizer_dir = str(tokenizer_dir or model_dir)
     checks.check_model_path(model_dir, "evaluated model")
-    if not problems:
-        raise ValueError("no eval problems; set problems.eval_size to at least 1")
+    empty = [s.name for s in sets if not s.problems]
+    if not sets or empty:
+        raise ValueError(f"no eval problems in {', '.join(empty) or 'any set'}; give each set problems")
     tokenizer = chat_tokenizer(tokenizer_dir, trust_remote_code)
-    prompts = [chat.chat_prompt_ids(tokenizer, p.prompt) for p in problems]
-    lengths = {p.id: len(ids) for p, ids in zip(problems, prompts, strict=True)}
-    context = checks.model_context(model_dir)
+    batch = _requests(
+        sets, tokenizer, chat.stop_ids(tokenizer, model_dir), checks.model_context(model_dir), model_dir
+    )
     config = EngineConfig(
         model=model_dir,
         tokenizer=tokenizer_dir,
-        max_model_len=checks.check_context(lengths, eval_spec.max_tokens, context, "evaluation", model_dir),
+        max_model_len=batch.max_model_len,
         gpus=gpus,
         trust_remote_code=trust_remote_code,
         setting="evaluation",
         log_file=log_file,  # the engine actor's vLLM output (raykd.logs); unused without Ray
     )
-    n = eval_spec.samples
-    requests = [(i, s) for i in range(len(problems)) for s in range(n)]
-    seeds = [request_seed(problems[i].id, s) for i, s in requests]
-    outputs = run_engine(
-        config,
-        [prompts[i] for i, _ in requests],
-        seeds,
-        sampling(eval_spec, chat.stop_ids(tokenizer, model_dir)),
-        num_cpus,
-        resources,
-    )
+    outputs = run_engine(config, batch.prompts, batch.seeds, batch.sampling, num_cpus, resources)
     texts = tokenizer.batch_decode([o["completion_ids"] for o in outputs], skip_special_tokens=False)
+    seconds, end_of_turn = time.perf_counter() - start, chat.end_of_turn(tokenizer)
+    results, first = {}, 0
+    for eval_set in sets:
+        size = len(eval_set.problems) * eval_set.samples
+        done = outputs[first : first + size], texts[first : first + size]
+        results[eval_set.name] = _score(eval_set, *done, seconds, end_of_turn, completions_dir)
+        first += size
+    return results
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """The requests of every set, in set, problem, sample order: prompt ids, seeds, sampling per request."""
+
+    prompts: list[list[int]]
+    seeds: list[int]
+    sampling: list[dict[str, Any]]
+    max_model_len: int
+
+
+def _requests(sets: list[Any], tokenizer: Any, stops: list[int], context: int | None, model: str) -> _Batch:
+    from raykd import chat
+
+    prompts, seeds, settings, need = [], [], [], 0
+    for eval_set in sets:
+        ids = [chat.chat_prompt_ids(tokenizer, p.prompt) for p in eval_set.problems]
+        lengths = {p.id: len(x) for p, x in zip(eval_set.problems, ids, strict=True)}
+        where = "evaluation" if eval_set.name == "evaluation" else f"evaluation.sets ('{eval_set.name}')"
+        need = max(need, checks.check_context(lengths, eval_set.max_tokens, context, where, model))
+        params = sampling(eval_set, stops)
+        for problem, prompt in zip(eval_set.problems, ids, strict=True):
+            for k in range(eval_set.samples):
+                prompts.append(prompt)
+                seeds.append(request_seed(problem.id, k))
+                settings.append(params)
+    return _Batch(prompts, seeds, settings, need)
+
+
+def _score(
+    eval_set: Any,
+    outputs: list[dict],
+    texts: list[str],
+    seconds: float,
+    end_of_turn: int | None,
+    completions_dir: str | Path | None,
+) -> EvalResult:
+    n = eval_set.samples
+    answers = [p.answer for p in eval_set.problems for _ in range(n)]
     statuses = [
-        status_of(text, problems[i].answer, out["finish_reason"], check_kind)
-        for (i, _), text, out in zip(requests, texts, outputs, strict=True)
+        status_of(text, answer, out["finish_reason"], eval_set.check)
+        for text, answer, out in zip(texts, answers, outputs, strict=True)
     ]
-    correct = np.array([s == "correct" for s in statuses], np.float64).reshape(len(problems), n)
-    return summarize(correct, statuses, outputs, time.perf_counter() - start, chat.end_of_turn(tokenizer))
+    if completions_dir is not None:
+        _keep_completions(
+            Path(completions_dir) / f"{eval_set.name}.jsonl", eval_set, texts, outputs, statuses
+        )
+    correct = np.array([s == "correct" for s in statuses], np.float64).reshape(len(eval_set.problems), n)
+    return summarize(correct, statuses, outputs, seconds, end_of_turn)
+
+
+def _keep_completions(
+    path: Path, eval_set: Any, texts: list[str], outputs: list[dict], statuses: list[str]
+) -> None:
+    from raykd.files import write_jsonl_atomic
+
+    keys = [(p.id, k) for p in eval_set.problems for k in range(eval_set.samples)]
+    rows = (
+        {"id": pid, "sample": k, "text": text, "finish_reason": out["finish_reason"], "status": status}
+        for (pid, k), text, out, status in zip(keys, texts, outputs, statuses, strict=True)
+    )
+    write_jsonl_atomic(path, rows)
 
 
 def chat_tokenizer(tokenizer_dir: str, trust_remote_code: bool) -> Any:
