@@ -234,6 +234,29 @@ def read_sets(spec: Any, heldout: list[Any] | None = None, cwd: Path | None = No
     return sets
 
 
+def write_sets_file(sets: list[EvalSet], path: str | Path) -> Path:
+    """The sets as the trials read them (`read_sets_file`): one JSON file, problems included, written once
+    on the driver, so a trial never re-reads a benchmark file from its own working directory."""
+    from dataclasses import asdict
+
+    from raykd.files import write_json_atomic
+
+    return write_json_atomic(path, [asdict(s) for s in sets], sort_keys=False)
+
+
+def read_sets_file(path: str | Path) -> list[EvalSet]:
+    """The sets `write_sets_file` wrote."""
+    import json
+
+    from raykd.problems.tasks import Problem
+
+    sets = []
+    for saved in json.loads(Path(path).read_text()):
+        saved["problems"] = [Problem(**p) for p in saved["problems"]]
+        sets.append(EvalSet(**saved))
+    return sets
+
+
 def describe_sets(sets: list[EvalSet], heldout_size: int | None = None) -> str:
     """Dry-run lines: each set's problems, samples and the most tokens it can generate per evaluated model."""
     lines = []

@@ -115,6 +115,9 @@ class TrialConfig(Section):
     output_dir: str = Field(description="The sweep's output folder (output.dir/<name>), absolute.")
     traces_path: str = Field(description="The segmented trace folder (Parquet) every trial trains on.")
     eval_problems_path: str = Field(description="The held-out problems, JSONL.")
+    eval_sets_path: str | None = Field(
+        None, description="The evaluation sets (raykd.evalsets.write_sets_file); None: the held-out problems."
+    )
     training: TrainingSpec
     resources: ResourcesSpec
     evaluation: EvaluationSpec
@@ -171,8 +174,9 @@ def trial_config(
 ) -> TrialConfig:
     """One trial's config from the validated spec, its grid point and the resolved models.
 
-    paths: 'traces_path' and 'eval_problems_path'. The student is evaluated by one vLLM engine: one GPU where
-    the teacher's engines use GPUs, on the same node type (custom resources).
+    paths: 'traces_path', 'eval_problems_path' and, with evaluation sets, 'eval_sets_path'. The student is
+    evaluated by one vLLM engine: one GPU where the teacher's engines use GPUs, on the same node type
+    (custom resources).
     """
     return TrialConfig(
         fraction=trial.fraction,
@@ -181,6 +185,7 @@ def trial_config(
         output_dir=plan.output_dir,
         traces_path=paths["traces_path"],
         eval_problems_path=paths["eval_problems_path"],
+        eval_sets_path=paths.get("eval_sets_path"),
         training=spec.training,
         resources=spec.resources,
         evaluation=spec.evaluation,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from raykd import _compat
+from raykd.evalsets import EvalSetError, read_sets, write_sets_file
 from raykd.files import write_json_atomic
 from raykd.identity import Resume, plan_resume, run_identity
 from raykd.lock import FolderLocked, driver_lock
@@ -287,6 +288,11 @@ def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
     train_problems, eval_problems = load_problems(spec)
     clock.lap("problems")
     _log(f"{len(train_problems)} training problems, {len(eval_problems)} held-out problems")
+    try:  # the benchmark files, checked before any generation or training
+        eval_sets = read_sets(spec, eval_problems)
+    except EvalSetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     from raykd.traces import generate_traces
 
@@ -305,7 +311,8 @@ def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
     out.mkdir(parents=True, exist_ok=True)
     eval_path.write_text("".join(json.dumps(asdict(p)) + "\n" for p in eval_problems))
 
-    shared = run_identity(models, traces.key, eval_problems)
+    # Every problem a trial is evaluated on is part of its identity: a changed benchmark file reruns it.
+    shared = run_identity(models, traces.key, eval_problems + [p for s in eval_sets for p in s.problems])
     if models.teacher_accuracy is None:  # hub or folder models: measured once per output folder
         from raykd import references
 
@@ -314,6 +321,8 @@ def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
         clock.lap("references")
     resume = plan_resume(spec, plan.trials, plan.output_dir, shared)
     paths = {"traces_path": str(traces.path), "eval_problems_path": str(eval_path)}
+    if eval_sets:
+        paths["eval_sets_path"] = str(write_sets_file(eval_sets, out / "eval_sets.json"))
     _run_pending(spec, plan, resume, model_paths(spec, models), paths)
     clock.lap("trials")
 

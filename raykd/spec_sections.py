@@ -10,7 +10,15 @@ from __future__ import annotations
 import difflib
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from raykd.evalsets import EvalSetSpec, unique_set_names
 from raykd.grid import duplicate_trial_ids, grid_trials
@@ -266,14 +274,20 @@ class EvaluationSpec(Section):
     temperature: float = Field(0.6, ge=0, description="Eval sampling temperature (the paper: 0.6).")
     top_p: float = Field(0.95, gt=0, le=1, description="Eval nucleus top-p (the paper: 0.95).")
     max_tokens: int = Field(4096, gt=0, description="Longest student completion at evaluation, in tokens.")
-    # Read and checked by the dry run (raykd.evalsets); trials do not evaluate them yet, so they stay out of
-    # model_dump and so out of the trial fingerprint.
     sets: Annotated[list[EvalSetSpec], AfterValidator(unique_set_names)] = Field(
         default_factory=list,
-        exclude=True,
         description="Named evaluation sets (benchmark files such as AIME, MATH-500, GPQA-Diamond, or the "
-        "held-out split), each with its own answer check and sampling; see raykd.evalsets.",
+        "held-out split), each with its own answer check and sampling, all served by one engine per trial; "
+        "the first is the one retained % is computed on. Empty: the held-out problems. See raykd.evalsets.",
     )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # No sets, no key: a spec without sets keeps the trial fingerprints its records were written under.
+        data = handler(self)
+        if not self.sets:
+            data.pop("sets", None)
+        return data
 
 
 def _unique(values: list[Any]) -> list[Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -147,7 +148,8 @@ def run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> Non
     trainer = build_trainer(cfg, {"train": _read_traces(cfg.traces_path)}, callbacks=[TuneReportCallback()])
     train_metrics = trainer.fit().metrics or {}
     eval_start = time.time()
-    evaluation = _evaluate(cfg, train_metrics["student_dir"])
+    evaluations = _evaluate(cfg, train_metrics["student_dir"])
+    evaluation = next(iter(evaluations.values()))  # the held-out problems, or the first set
     record = {
         **record_head(cfg, OK),
         "accuracy": evaluation.accuracy,
@@ -156,6 +158,12 @@ def run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> Non
         # chat template does: a student that never learned to stop shows here
         "eval_counts": evaluation.counts,
         "eval_end_of_turn": evaluation.end_of_turn,
+        # unbiased pass@k, k = 1, 2, 4, ..., samples (none with one sample); the share cut at max_tokens
+        "pass_at_k": evaluation.pass_at_k,
+        "pass_at_k_stderr": evaluation.pass_at_k_stderr,
+        "eval_truncated_share": evaluation.truncated_share,
+        # with evaluation sets: every set's result by name (the fields above are the first set's)
+        **({"sets": {name: asdict(r) for name, r in evaluations.items()}} if cfg.eval_sets_path else {}),
         "kept_tokens": train_metrics.get("kept_tokens"),
         "supervised_tokens": train_metrics.get("supervised_tokens"),
         "flops": train_metrics.get("flops"),
@@ -179,19 +187,22 @@ def _read_traces(path: str) -> Any:
     return ray.data.read_parquet(path)
 
 
-def _evaluate(cfg: TrialConfig, student_dir: str) -> Any:
-    """The trained student on the held-out problems, with the spec's evaluation settings."""
-    from raykd.evaluate import evaluate_student
+def _evaluate(cfg: TrialConfig, student_dir: str) -> dict[str, Any]:
+    """The trained student on every evaluation set (one engine; completions kept in the trial folder), or
+    on the held-out problems with the spec's evaluation settings. Results by set name."""
+    from raykd.evalsets import read_sets_file
+    from raykd.evaluate import evaluate_sets, evaluate_student
     from raykd.problems.tasks import Problem
 
+    engine = {
+        "gpus": cfg.eval_engine.gpus,
+        "resources": cfg.eval_engine.resources,
+        "trust_remote_code": cfg.models.trust_remote_code,
+        "log_file": str(cfg.folder / "eval_engine.log"),
+    }
+    if cfg.eval_sets_path:
+        sets = read_sets_file(cfg.eval_sets_path)
+        return evaluate_sets(student_dir, sets, completions_dir=cfg.folder / "eval_completions", **engine)
     lines = Path(cfg.eval_problems_path).read_text().splitlines()
-    return evaluate_student(
-        student_dir,
-        [Problem(**json.loads(line)) for line in lines],
-        cfg.evaluation,
-        cfg.answer_check,
-        gpus=cfg.eval_engine.gpus,
-        resources=cfg.eval_engine.resources,
-        trust_remote_code=cfg.models.trust_remote_code,
-        log_file=str(cfg.folder / "eval_engine.log"),
-    )
+    problems = [Problem(**json.loads(line)) for line in lines]
+    return {"heldout": evaluate_student(student_dir, problems, cfg.evaluation, cfg.answer_check, **engine)}

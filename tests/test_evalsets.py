@@ -191,3 +191,136 @@ def test_dry_run_prints_each_set_and_refuses_a_bad_one(tmp_path: Path, capsys: p
 def test_letters_cover_up_to_26_choices() -> None:
     prompt = choice_prompt("q", [str(i) for i in range(26)])
     assert prompt.splitlines()[-3].startswith("Z) ") and string.ascii_uppercase[-1] in prompt
+
+
+EVALUATE_SETS = """
+import json, sys
+from raykd.evaluate import evaluate_sets
+from raykd.evalsets import read_sets
+from raykd.spec import parse_spec
+
+if __name__ == "__main__":
+    spec, model, tokenizer, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    sets = read_sets(parse_spec(spec))
+    results = evaluate_sets(model, sets, tokenizer_dir=tokenizer, completions_dir=out)
+    print("RESULT " + json.dumps({name: r.__dict__ for name, r in results.items()}))
+"""
+
+
+def write_layouts(tmp_path: Path, problems: list[Any]) -> tuple[Path, Path]:
+    """Built-in task problems written in the AIME layout (JSONL, problem / answer) and the MATH-500 layout
+    (Parquet, problem / answer / solution / unique_id): real layouts, questions the embedded model solves."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    aime = tmp_path / "aime_layout.jsonl"
+    aime.write_text(
+        "".join(json.dumps({"problem": p.prompt, "answer": p.answer}) + "\n" for p in problems[:6])
+    )
+    math500 = tmp_path / "math500_layout.parquet"
+    rows = [
+        {"problem": p.prompt, "answer": p.answer, "solution": "", "unique_id": f"test/cups/{i}.json"}
+        for i, p in enumerate(problems[6:])
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), math500)
+    return aime, math500
+
+
+@pytest.mark.slow
+def test_sets_run_through_one_engine_and_match_a_recount_of_their_completions(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    import json
+    import statistics
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from raykd.embedded.bootstrap import bootstrap
+    from raykd.metrics import pass_at_k_one
+    from raykd.problems.answers import extract_answer
+    from raykd.problems.tasks import make_problems
+
+    models = bootstrap("cups", 0, cache_dir / "embedded")
+    aime, math500 = write_layouts(tmp_path, make_problems("cups", "eval", 10, seed=7))
+    spec = spec_with_sets(
+        {"name": "aime-layout", "path": str(aime), "check": "exact", "samples": 3, "temperature": 1.0,
+         "max_tokens": 300},
+        {"name": "math500-layout", "path": str(math500), "check": "exact", "id_field": "unique_id",
+         "samples": 1, "temperature": 0.0, "max_tokens": 24},
+    )  # fmt: skip
+    script = tmp_path / "evaluate_sets.py"
+    script.write_text(EVALUATE_SETS)
+    args = [
+        json.dumps(spec),
+        str(models.teacher_dir),
+        str(models.tokenizer_dir),
+        str(tmp_path / "completions"),
+    ]
+    run = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, cwd=Path(__file__).parents[1],
+        timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (run.stdout + run.stderr).count("vLLM engine for") == 1  # one engine served both sets
+    results = json.loads(next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    references = {
+        "aime-layout": {
+            f"aime-layout-{i}": json.loads(line)["answer"]
+            for i, line in enumerate(aime.read_text().splitlines())
+        },
+        "math500-layout": {r["unique_id"]: r["answer"] for r in pq.read_table(math500).to_pylist()},
+    }
+    for name, n in (("aime-layout", 3), ("math500-layout", 1)):
+        lines = (tmp_path / "completions" / f"{name}.jsonl").read_text().splitlines()
+        stored = [json.loads(line) for line in lines]
+        assert len(stored) == len(references[name]) * n
+        by_problem: dict[str, list[bool]] = {}
+        for row in stored:  # recount: the answer after the thinking, never one cut at max tokens
+            answer = extract_answer(row["text"], "exact")
+            ok = row["finish_reason"] != "length" and answer == references[name][row["id"]]
+            by_problem.setdefault(row["id"], []).append(ok)
+        per_problem = [sum(v) / n for v in by_problem.values()]
+        got = results[name]
+        assert (got["n_problems"], got["n_samples"]) == (len(references[name]), n)
+        assert got["accuracy"] == pytest.approx(statistics.fmean(per_problem))
+        assert got["stderr"] == pytest.approx(statistics.stdev(per_problem) / len(per_problem) ** 0.5)
+        truncated = sum(r["finish_reason"] == "length" for r in stored) / len(stored)
+        assert got["truncated_share"] == pytest.approx(truncated)
+        if n > 1:
+            by_hand = statistics.fmean(pass_at_k_one(n, sum(v), 2) for v in by_problem.values())
+            assert got["pass_at_k"]["2"] == pytest.approx(by_hand)
+    # 24 new tokens cut the greedy set's answers: its own max_tokens reached the engine, not the other's.
+    assert results["math500-layout"]["truncated_share"] > results["aime-layout"]["truncated_share"]
+    assert results["aime-layout"]["accuracy"] >= 0.5  # the teacher solves the task in the AIME layout
+
+
+def test_sets_file_round_trip(tmp_path: Path) -> None:
+    from raykd.evalsets import read_sets_file, write_sets_file
+
+    spec = parse_spec(
+        spec_with_sets(
+            {"name": "aime24", "path": str(FIXTURES / "aime.jsonl"), "samples": 3},
+            {"name": "gpqa", "path": str(FIXTURES / "gpqa.jsonl"), "layout": "gpqa"},
+        )
+    )
+    sets = read_sets(spec)
+    assert read_sets_file(write_sets_file(sets, tmp_path / "sets.json")) == sets
+
+
+def test_sets_join_the_trial_settings_only_when_given() -> None:
+    from raykd.identity import trial_settings
+    from raykd.plan import make_plan
+
+    plain = parse_spec(spec_with_sets())
+    with_sets = parse_spec(spec_with_sets({"name": "aime24", "path": "aime.jsonl", "samples": 4}))
+    trial = make_plan(plain).trials[0]
+    assert not any(key.startswith("evaluation.sets") for key in trial_settings(plain, trial, {}))
+    [saved] = trial_settings(with_sets, trial, {})["evaluation.sets"]
+    assert (saved["name"], saved["samples"]) == (
+        "aime24",
+        4,
+    )  # another set or its settings: another fingerprint
