@@ -23,6 +23,8 @@ COLUMNS = [
     "fraction",
     "segments",
     "seed",
+    # the evaluation set (evaluation.sets) the accuracy is on; empty for the held-out problems
+    "set",
     "status",
     "accuracy",
     "stderr",
@@ -63,17 +65,50 @@ def _saved(value: float | None, full: float | None) -> float | None:
     return 100.0 * (1.0 - value / full)
 
 
+def by_set(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per trial and evaluation set: a record with 'sets' (raykd.trial) becomes one per set,
+    with that set's accuracy, stderr, pass@k and truncated share; a failed trial one per set the others
+    name. Records without sets pass unchanged (their set is None)."""
+    names = list(dict.fromkeys(name for r in records for name in r.get("sets") or {}))
+    out = []
+    for rec in records:
+        sets = rec.get("sets") or {}
+        if not sets and not (names and rec.get("status") != OK):
+            out.append(rec | {"set": None})
+            continue
+        for name in sets or names:
+            result = sets.get(name) or {}
+            out.append(
+                rec
+                | {"set": name, "accuracy": result.get("accuracy"), "stderr": result.get("stderr")}
+                | {
+                    "pass_at_k": result.get("pass_at_k"),
+                    "eval_truncated_share": result.get("truncated_share"),
+                }
+            )
+    return out
+
+
+def _set_order(value: str | None) -> str:
+    return value or ""
+
+
+def _row_order(rec: dict[str, Any]) -> tuple[Any, ...]:
+    return _set_order(rec.get("set")), rec["seed"], rec["segments"], rec["fraction"]
+
+
 def complete_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add retained % and savings, each against the f = 1.0 trial with the same segments and seed."""
+    """Add retained % and savings, each against the f = 1.0 trial with the same segments, seed and set
+    (records from `by_set`, or without sets)."""
     full = {
-        (r["segments"], r["seed"]): r
+        (r["segments"], r["seed"], r.get("set")): r
         for r in records
         if r.get("status") == OK and math.isclose(r["fraction"], 1.0)
     }
     rows = []
-    for rec in sorted(records, key=lambda r: (r["seed"], r["segments"], r["fraction"])):
+    for rec in sorted(records, key=_row_order):
         row = {col: rec.get(col) for col in COLUMNS}
-        base = full.get((rec["segments"], rec["seed"]))
+        base = full.get((rec["segments"], rec["seed"], rec.get("set")))
         if base and rec.get("status") == OK:
             acc, base_acc = rec.get("accuracy"), base.get("accuracy")
             row["retained_pct"] = 100.0 * acc / base_acc if base_acc and acc is not None else None
@@ -87,6 +122,7 @@ def complete_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 AGGREGATE_COLUMNS = [
     "fraction",
     "segments",
+    "set",
     "n_seeds",
     "seeds",
     "accuracy_mean",
@@ -153,34 +189,35 @@ def retained(mean: float, sem: float, full_mean: float, full_sem: float) -> tupl
 
 
 def aggregate_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (fraction, segments): accuracy mean, std across seeds (sample std, n - 1), standard error
-    of the mean (std / √n), retained % of the f = 1.0 aggregate of the same segments with its error
-    (`retained`), and the means of tokens, FLOPs and training time with their savings against that
-    aggregate. Only trials whose status is 'ok' count; n_failed counts the others.
+    """One row per (fraction, segments, set): accuracy mean, std across seeds (sample std, n - 1),
+    standard error of the mean (std / √n), retained % of the f = 1.0 aggregate of the same segments and
+    set with its error (`retained`), and the means of tokens, FLOPs and training time with their savings
+    against that aggregate. Only trials whose status is 'ok' count; n_failed counts the others.
 
     The eval problems are the same for every seed, so the spread is over training seeds and sampling,
     not over a fresh draw of problems.
     """
-    groups: dict[tuple[float, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[float, str, str | None], list[dict[str, Any]]] = {}
     for rec in records:
-        groups.setdefault((rec["fraction"], rec["segments"]), []).append(rec)
+        groups.setdefault((rec["fraction"], rec["segments"], rec.get("set")), []).append(rec)
     stats = {}
     for key, group in groups.items():
         ok = [r for r in group if r.get("status") == OK and r.get("accuracy") is not None]
         stats[key] = (ok, len(group) - len(ok), _seed_stats(ok) if ok else None)
-    full = {seg: stats[(f, seg)] for f, seg in stats if math.isclose(f, 1.0) and stats[(f, seg)][2]}
-    return [_aggregate(key, *stats[key], full.get(key[1])) for key in sorted(groups, key=lambda k: k[::-1])]
+    full = {(seg, name): st for (f, seg, name), st in stats.items() if math.isclose(f, 1.0) and st[2]}
+    order = sorted(groups, key=lambda k: (_set_order(k[2]), k[1], k[0]))
+    return [_aggregate(key, *stats[key], full.get((key[1], key[2]))) for key in order]
 
 
 def _aggregate(
-    key: tuple[float, str],
+    key: tuple[float, str, str | None],
     ok: list[dict[str, Any]],
     n_failed: int,
     seed_stats: tuple[float, float | None, float] | None,
     full: tuple[list[dict[str, Any]], int, tuple[float, float | None, float]] | None,
 ) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(AGGREGATE_COLUMNS)
-    row |= {"fraction": key[0], "segments": key[1], "n_seeds": len(ok), "n_failed": n_failed}
+    row |= {"fraction": key[0], "segments": key[1], "set": key[2], "n_seeds": len(ok), "n_failed": n_failed}
     row["seeds"] = sorted(r["seed"] for r in ok)
     if seed_stats is None:
         return row
@@ -248,7 +285,8 @@ AGGREGATE_CELLS = [
 
 def aggregate_table(aggregates: list[dict[str, Any]]) -> list[str]:
     """Markdown lines: one row per (fraction, segments), mean ± std over seeds, retained % ± its error."""
-    head = ["f", "segments", "seeds", "accuracy mean ± std", "retained % ± err"]
+    sets = any(a["set"] for a in aggregates)
+    head = ["f", "segments", *(["set"] if sets else []), "seeds", "accuracy mean ± std", "retained % ± err"]
     lines = [
         "mean over seeds (± std across seeds; retained % of the f = 1.0 mean ± its error from both means)",
         "",
@@ -262,7 +300,8 @@ def aggregate_table(aggregates: list[dict[str, Any]]) -> list[str]:
         if a["retained_pct"] is not None:
             ret = f"{a['retained_pct']:.1f} ± {a['retained_pct_err']:.1f}"
         seeds = str(a["n_seeds"]) + (f" ({a['n_failed']} failed)" if a["n_failed"] else "")
-        cells = [_fmt(a["fraction"], "fraction"), a["segments"], seeds, acc, ret]
+        cells = [_fmt(a["fraction"], "fraction"), a["segments"], *([a["set"] or "-"] if sets else []), seeds]
+        cells += [acc, ret]
         lines.append("| " + " | ".join(cells + [_fmt(a[c], c) for c, _ in AGGREGATE_CELLS]) + " |")
     return lines
 
@@ -274,13 +313,16 @@ def markdown_table(
 ) -> str:
     """The table a person reads: accuracy ± stderr, retained %, tokens, compute and savings; with more
     than one seed, then the means over seeds (``aggregates``, from `aggregate_rows`)."""
-    head = ["trial", "f", "segments", "seed", "status", "accuracy"] + [h for _, h in NUMERIC_CELLS]
+    sets = any(r.get("set") for r in rows)  # a column for the evaluation set when there are sets
+    head = ["trial", "f", "segments", "seed", *(["set"] if sets else []), "status", "accuracy"]
+    head += [h for _, h in NUMERIC_CELLS]
     named = {role: m for role, m in (refs.models if refs else {}).items() if m != "embedded"}
     lines = [f"{role}: {model}" for role, model in named.items()] + ([""] if named else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f} ± {r['stderr'] or 0:.3f}"
-        cells = [r["trial_id"], _fmt(r["fraction"], "fraction"), r["segments"], str(r["seed"]), r["status"]]
+        cells = [r["trial_id"], _fmt(r["fraction"], "fraction"), r["segments"], str(r["seed"])]
+        cells += [*([r["set"] or "-"] if sets else []), r["status"]]
         cells += [acc] + [_fmt(r[c], c) for c, _ in NUMERIC_CELLS]
         lines.append("| " + " | ".join(cells) + " |")
     if aggregates and several_seeds(rows):
@@ -291,9 +333,9 @@ def markdown_table(
             lines.append(f"teacher accuracy (reference): {refs.teacher_accuracy:.3f}")
         if refs.student_base_accuracy is not None:
             lines.append(f"student base accuracy before distillation: {refs.student_base_accuracy:.3f}")
-    failed = [r for r in rows if r["status"] != OK]
-    for r in failed:
-        lines.append(f"\n{r['trial_id']} failed: {r['error']}")
+    failed = {r["trial_id"]: r["error"] for r in rows if r["status"] != OK}  # once, whatever its sets
+    for trial_id, error in failed.items():
+        lines.append(f"\n{trial_id} failed: {error}")
     return "\n".join(lines)
 
 
@@ -307,19 +349,24 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 def _frontier_points(
     rows: list[dict[str, Any]], aggregates: list[dict[str, Any]] | None
 ) -> list[tuple[str, float, float, float, float]]:
-    """(segments, flops, accuracy, error bar, fraction) to plot: the means over seeds (± standard error of
-    the mean) when the grid has several seeds, so each mask is one line; else every ok trial (± stderr)."""
+    """(line label, flops, accuracy, error bar, fraction) to plot: the means over seeds (± standard error
+    of the mean) when the grid has several seeds, so each mask is one line (per evaluation set); else every
+    ok trial (± stderr)."""
     if aggregates and several_seeds(rows):
         return [
-            (a["segments"], a["flops"], a["accuracy_mean"], a["accuracy_sem"] or 0.0, a["fraction"])
+            (_label(a), a["flops"], a["accuracy_mean"], a["accuracy_sem"] or 0.0, a["fraction"])
             for a in aggregates
             if a["accuracy_mean"] is not None and a["flops"]
         ]
     return [
-        (r["segments"], r["flops"], r["accuracy"], r["stderr"] or 0.0, r["fraction"])
+        (_label(r), r["flops"], r["accuracy"], r["stderr"] or 0.0, r["fraction"])
         for r in rows
-        if r["status"] == OK and r["flops"]
+        if r["status"] == OK and r["flops"] and r["accuracy"] is not None
     ]
+
+
+def _label(row: dict[str, Any]) -> str:
+    return row["segments"] + (f" · {row['set']}" if row.get("set") else "")
 
 
 def plot_frontier(
@@ -386,8 +433,9 @@ def results_json(
 def write_results(records: list[dict[str, Any]], out_dir: Path, refs: References | None = None) -> str:
     """Write results.csv, results.md, results.json and frontier.png under out_dir; return the markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = complete_rows(records)
-    aggregates = aggregate_rows(records)
+    per_set = by_set(records)
+    rows = complete_rows(per_set)
+    aggregates = aggregate_rows(per_set)
     table = markdown_table(rows, refs, aggregates)
     write_csv(rows, out_dir / "results.csv")
     (out_dir / "results.md").write_text(table + "\n")

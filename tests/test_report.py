@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from raykd.report import References, aggregate_rows, complete_rows, retained, write_results
+from raykd.report import References, aggregate_rows, by_set, complete_rows, retained, write_results
 
 
 def record(f: float, seg: str, acc: float, seed: int = 0, status: str = "ok", **kw) -> dict:
@@ -168,3 +168,36 @@ def test_aggregates_carry_mean_pass_at_k_and_truncated_share() -> None:
     assert aggs[0.5]["pass_at_k"] == {"1": pytest.approx(0.55), "2": pytest.approx(0.8)}  # k both sampled
     assert aggs[0.5]["truncated_share"] == pytest.approx(0.2)
     assert aggs[1.0]["pass_at_k"] == {} and aggs[1.0]["truncated_share"] is None
+
+
+def with_sets(rec: dict, **accs: float) -> dict:
+    """A trial record as raykd.trial writes it with evaluation sets: every set's result under 'sets'."""
+    sets = {
+        name: {"accuracy": acc, "stderr": 0.02, "pass_at_k": {}, "truncated_share": 0.0}
+        for name, acc in accs.items()
+    }
+    return rec | {"sets": sets, "accuracy": next(iter(accs.values()))}
+
+
+def test_rows_and_aggregates_per_evaluation_set(tmp_path: Path) -> None:
+    records = [
+        with_sets(record(1.0, "CoT", 0, seed=0), aime=0.40, math500=0.80),
+        with_sets(record(1.0, "CoT", 0, seed=1), aime=0.20, math500=0.70),
+        with_sets(record(0.5, "CoT", 0, seed=0), aime=0.30, math500=0.60),
+        with_sets(record(0.5, "CoT", 0, seed=1), aime=0.10, math500=0.66),
+        record(0.5, "A", 0.0, seed=0, status="failed", error="OOM"),
+    ]
+    rows = complete_rows(by_set(records))
+    assert len(rows) == 4 * 2 + 2  # every trial once per set, the failed one too
+    half = {(r["set"], r["seed"]): r for r in rows if r["fraction"] == 0.5 and r["segments"] == "CoT"}
+    assert half[("aime", 0)]["retained_pct"] == pytest.approx(75.0)  # against its own set's f = 1.0
+    assert half[("math500", 1)]["retained_pct"] == pytest.approx(100 * 0.66 / 0.70)
+    aggs = {(a["fraction"], a["segments"], a["set"]): a for a in aggregate_rows(by_set(records))}
+    aime = aggs[(0.5, "CoT", "aime")]
+    assert aime["accuracy_mean"] == pytest.approx(0.2) and aime["retained_pct"] == pytest.approx(200 / 3)
+    assert aggs[(0.5, "A", "aime")]["n_failed"] == 1 and aggs[(0.5, "A", "math500")]["n_seeds"] == 0
+    table = write_results(records, tmp_path)
+    assert "| seed | set | status |" in table and "| 0.50 | CoT | aime | 2 |" in table
+    assert table.count("f0.50_A_s0 failed: OOM") == 1
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {(t["trial_id"], t["set"]) for t in data["trials"]} >= {("f0.50_CoT_s1", "math500")}
