@@ -27,8 +27,11 @@ def skip_deepspeed_shm_comm() -> None:
     Can go when DeepSpeed ships the op prebuilt in its wheel or builds it lazily on the first multi-rank
     all-reduce: check ``deepspeed.comm.torch.build_shm_op`` and ``git_version_info_installed.installed_ops``.
     """
+    import importlib
+
     try:
-        from deepspeed.comm import torch as ds_torch_comm
+        # Not `from deepspeed.comm import torch`: that name is PyTorch itself, imported by the package.
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     except ImportError:  # a DeepSpeed that moved it: the kernel is simply built as before
         return
     if hasattr(ds_torch_comm, "build_shm_op"):
