@@ -324,3 +324,42 @@ def test_sets_join_the_trial_settings_only_when_given() -> None:
         "aime24",
         4,
     )  # another set or its settings: another fingerprint
+
+
+@pytest.mark.slow
+def test_sweep_with_two_seeds_and_two_sets_reports_each_set_and_reruns_nothing(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    import json
+
+    from ray_head import reduced_tiny, run_sweep
+
+    from raykd.problems.tasks import make_problems
+
+    aime, _ = write_layouts(tmp_path, make_problems("cups", "eval", 10, seed=11))
+    path = reduced_tiny(tmp_path, "sets", 64, 8, truncation=[1.0], segments=[["cot"]], seeds=[0, 1])
+    spec = yaml.safe_load(path.read_text())
+    spec["evaluation"]["sets"] = [
+        {"name": "heldout", "source": "heldout"},
+        {"name": "aime-layout", "path": str(aime), "check": "exact", "samples": 2, "temperature": 1.0},
+    ]
+    path.write_text(yaml.safe_dump(spec))
+    first = run_sweep(path, cache_dir)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    out = tmp_path / "runs" / "sets"
+    data = json.loads((out / "results.json").read_text())
+    assert sorted((t["seed"], t["set"]) for t in data["trials"]) == [
+        (0, "aime-layout"), (0, "heldout"), (1, "aime-layout"), (1, "heldout"),
+    ]  # fmt: skip
+    for trial in data["trials"]:
+        assert trial["accuracy"] == trial["sets"][trial["set"]]["accuracy"]
+        kept = (out / "trials" / trial["trial_id"] / "eval_completions" / f"{trial['set']}.jsonl").read_text()
+        assert len(kept.splitlines()) == (8 if trial["set"] == "heldout" else 6 * 2)
+    assert "2" in data["trials"][0]["sets"]["aime-layout"]["pass_at_k"]
+    aggregates = {a["set"]: a for a in data["aggregates"]}
+    assert aggregates["aime-layout"]["n_seeds"] == 2 and aggregates["heldout"]["retained_pct"] == 100.0
+    table = (out / "results.md").read_text()
+    assert "mean over seeds" in table and "| 1.00 | CoT | aime-layout | 2 |" in table
+    second = run_sweep(path, cache_dir)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    assert "2 trial(s) already finished, 0 to run" in second.stdout
