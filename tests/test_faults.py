@@ -9,12 +9,16 @@ old settings shown as current, no Ray process of a dead driver left behind.
 One sweep folder carries a chain of faults, so the expensive parts (trace generation, trials) are paid once
 and each later step starts from what a real user would have on disk after the earlier one:
 
-1. the teacher's vLLM engine actor is killed while it generates the traces;
+1. the teacher's vLLM engine actor is killed while it generates the traces (Ray Data restarts the actor and
+   retries its block: the same run completes them);
 2. the driver is SIGKILLed (its whole process group) once the first trial has finished;
 3. the same command: a second driver on the folder is refused, a Ray Train worker is SIGKILLed mid-trial;
 4. `training.lr` changed and a trace shard cut short on disk: the shard is regenerated before training, the
    changed trials rerun; Ctrl-C once the first of them has finished;
 5. the same command continues.
+
+Apart from the chain (it reads the chain's traces): on a `ray.cluster_utils.Cluster`, the worker node that
+runs a trial is removed mid-trial.
 
 The driver's local Ray gets its own temp folder (RAY_TMPDIR), so the test can tell its processes from those
 of any other Ray on the machine. Tests in this file run in order and share the folder; a step whose
@@ -46,7 +50,7 @@ TRIALS = ("f0.50_CoT_s0", "f1.00_CoT_s0")
 # A folder with teacher/ and student/ (an embedded build from the tests' cache) to use instead of building the
 # embedded pair: its cache key follows the embedded code, so every edit there costs a rebuild of minutes.
 MODELS_ENV = "RAYKD_TEST_MODELS"
-TRAIN_PROBLEMS = 320  # two trace shards of the store's 256 problems: one can be done while the other is not
+TRAIN_PROBLEMS = 320  # two trace shards of the store's 256 problems: step 4 cuts one, the other stays whole
 NEW_LR = 1.0e-3
 # One trial at a time, so the driver can be killed with one trial finished and the next one running.
 SWEEP: dict[str, Any] = {"truncation": [0.5, 1.0], "segments": [["cot"]], "max_concurrent_trials": 1}
