@@ -53,7 +53,9 @@ SETTING_KEYS = ("prompts", "max_tokens", "temperature", "top_p", "k", "engines",
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON file to write (parts add to it)")
-    p.add_argument("--part", choices=("all", "vllm", "hf"), default="all")
+    p.add_argument(
+        "--part", choices=("all", "vllm", "hf", "summary"), default="all", help="summary: recompute it"
+    )
     p.add_argument("--models-dir", default=str(Path.home() / ".cache" / "raykd-tests" / "smollm2"))
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=512)
@@ -220,6 +222,15 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         summary[f"{key}_tokens_per_s"] = result[key]["tokens_per_s"]
     if "hf_tokens_per_s" in summary and "vllm_tokens_per_s" in summary:
         summary["speedup"] = round(summary["vllm_tokens_per_s"] / summary["hf_tokens_per_s"], 2)
+    elif probed and "vllm_tokens_per_s" in summary:
+        # Not the same prompts (vLLM: all of them; transformers: the probe's): a provisional figure only.
+        best_rate = probed[summary["hf_best_batch_size"]]
+        summary["speedup_vs_probe_only"] = round(summary["vllm_tokens_per_s"] / best_rate, 2)
+        summary["note"] = (
+            f"transformers measured on the first {probe} prompts only (the probe), vLLM on all {n}: "
+            f"run --part hf --hf-batch-size {summary['hf_best_batch_size']} --range {probe}:{n} for "
+            "the speedup"
+        )
     return summary
 
 
@@ -290,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         key = f"vllm_{args.vllm_batch_size}_per_call" if args.vllm_batch_size else "vllm"
         result[key] = run_vllm(args, teacher, problems)
         print(f"[generation] vLLM: {result[key]}", flush=True)
+        save(out, result)
+    if args.part == "summary":
         save(out, result)
     if args.part == "hf":
         add_hf(result, args, teacher, problems, args.hf_batch_size, args.range or f"0:{args.probe}")
