@@ -38,13 +38,19 @@ def measure(
         if saved.get("key") == key:
             return saved["teacher_accuracy"], saved["student_accuracy"]
     tokenizer = models.tokenizer_dir  # the teacher's: its template renders every prompt
-    teacher = _accuracy(spec, models.teacher_dir, tokenizer, eval_problems, out / "teacher_eval.log")
-    student = _accuracy(spec, models.student_dir, tokenizer, eval_problems, out / "student_eval.log")
+    teacher = _accuracy(
+        spec, "teacher", models.teacher_dir, tokenizer, eval_problems, out / "teacher_eval.log"
+    )
+    student = _accuracy(
+        spec, "student", models.student_dir, tokenizer, eval_problems, out / "student_eval.log"
+    )
     write_json_atomic(path, {"key": key, "teacher_accuracy": teacher, "student_accuracy": student})
     return teacher, student
 
 
-def _accuracy(spec: Any, model_dir: str, tokenizer_dir: str, problems: list[Any], log: Path) -> float:
+def _accuracy(
+    spec: Any, role: str, model_dir: str, tokenizer_dir: str, problems: list[Any], log: Path
+) -> float:
     from raykd.evaluate import evaluate_student
 
     result = evaluate_student(
@@ -55,7 +61,7 @@ def _accuracy(spec: Any, model_dir: str, tokenizer_dir: str, problems: list[Any]
         tokenizer_dir=tokenizer_dir,
         gpus=min(1, spec.generation.gpus_per_engine),
         resources=spec.generation.engine_resources,
-        trust_remote_code=spec.teacher.trust_remote_code,
+        trust_remote_code=getattr(spec, role).trust_remote_code,  # the evaluated model's own flag
         log_file=str(log),
     )
     print(

@@ -220,7 +220,8 @@ def run_trials(spec: SweepSpec, plan: Plan, configs: list[TrialConfig]) -> None:
         cfg = by_id[result.config["trial"]]
         finished = (read_record(plan.output_dir, cfg.trial_id) or {}).get("status") == OK
         if result.error is not None and not finished:
-            error = str(result.error).strip().splitlines()[-1][:300]
+            lines = str(result.error).strip().splitlines() or [type(result.error).__name__]
+            error = lines[-1][:300]
             write_record(plan.output_dir, cfg.trial_id, {**record_head(cfg, FAILED), "error": error})
 
 

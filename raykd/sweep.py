@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(spec)
     print(describe_plan(spec, plan))
     if args.dry_run:
-        return check_models(spec) or check_eval_sets(spec)
+        return max(check_models(spec), check_eval_sets(spec))  # every problem at once
     from raykd.run import run_sweep  # heavy imports (ray) only when running for real
 
     return run_sweep(spec, plan)

@@ -49,8 +49,11 @@ def test_gpu_engines_keep_vllms_layout(gpus: int, tensor_parallel: int, backend:
 
 
 def test_prepare_process_sets_what_vllm_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
-    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    # setenv first, so that monkeypatch restores (or removes) both after the test: prepare_process sets them
+    # in this process, and later tests' engines would inherit them.
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE"):
+        monkeypatch.setenv(name, "unset-by-test")
+        monkeypatch.delenv(name)
     config(gpus=1).prepare_process()
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ and "VLLM_CPU_KVCACHE_SPACE" not in os.environ
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")  # a user's own setting stays

@@ -392,7 +392,6 @@ def test_changed_lr_and_a_cut_shard_then_ctrl_c_mid_trial(chain: Chain):
     log = changed.output()
     assert code == 130, log[-4000:]
     assert "interrupted: finished trials and trace shards are kept" in log
-    assert chain.facts["ctrl_c_exit_s"] < 60, log[-4000:]
     left = left_after(chain.ray_tmp, grace_s=10)
     assert not left, f"Ray processes of the interrupted driver still run:\n{describe(left)}"
 

@@ -87,6 +87,9 @@ class EngineConfig:
         if self.in_process:
             # vLLM's switch for its engine-core process (vllm.envs, read when the LLM is built).
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        elif os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            # left by an in-process engine built earlier in this process: this one gets its own processes
+            del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
 
 
 class EngineStartError(RuntimeError):
