@@ -202,6 +202,7 @@ def trial_config(
 # with your own measurements (benchmarks/ measures tokens/s) before budgeting a real run.
 ASSUMED = {
     "completion_fill": 0.6,  # mean teacher completion as a share of generation.max_tokens
+    "eval_completion_fill": 0.5,  # mean student completion as a share of evaluation.max_tokens
     "prompt_tokens": 200,  # mean chat-formatted prompt length
     "kept_share": 0.7,  # share of traces that survive filter: keep_correct
     "gen_tokens_per_s_per_gpu": 2000.0,  # vLLM decode, 8B teacher, batched
@@ -224,7 +225,8 @@ def gpu_hours(spec: SweepSpec, plan: Plan) -> dict[str, float]:
     train_h = sum_f * spec.training.epochs * seq_tokens / 3600 / a["train_tokens_per_s_per_gpu"]
     train_h += len(plan.trials) * train_gpus * a["startup_h_per_job"]
     ev = spec.evaluation
-    eval_h = len(plan.trials) * p.eval_size * ev.samples * completion / 3600 / a["eval_tokens_per_s_per_gpu"]
+    eval_tokens = p.eval_size * ev.samples * a["eval_completion_fill"] * ev.max_tokens  # per trial (ρe·Te)
+    eval_h = len(plan.trials) * eval_tokens / 3600 / a["eval_tokens_per_s_per_gpu"]
     if not gen_gpus:
         gen_h = 0.0
     if not train_gpus:
