@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from raykd.plan import describe_plan, make_plan
@@ -85,32 +86,34 @@ def choose_output_dir(spec: SweepSpec, output_dir: str | None, cwd: Path) -> Swe
     return spec
 
 
+def _dry_check(check: Callable[[], str | None], error: type[Exception]) -> int:
+    """Run one dry-run check: print what it describes, or its error (exit code 2)."""
+    try:
+        described = check()
+    except error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if described:
+        print(described)
+    return EXIT_OK
+
+
 def check_models(spec: SweepSpec) -> int:
     """The dry run's model check: folders' files, hub ids in the cache or on the hub (nothing downloaded)."""
     from raykd.models import ModelError, check_models, describe_models
 
-    try:
-        resolved = check_models(spec)
-    except ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if resolved:
-        print(describe_models(resolved))
-    return EXIT_OK
+    return _dry_check(lambda: describe_models(r) if (r := check_models(spec)) else None, ModelError)
 
 
 def check_eval_sets(spec: SweepSpec) -> int:
     """The dry run's evaluation-set check: every set's file read, its fields and reference answers checked."""
     from raykd.evalsets import EvalSetError, describe_sets, read_sets
 
-    try:
+    def describe() -> str | None:
         sets = read_sets(spec)
-    except EvalSetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if sets:
-        print(describe_sets(sets, spec.problems.eval_size))
-    return EXIT_OK
+        return describe_sets(sets, spec.problems.eval_size) if sets else None
+
+    return _dry_check(describe, EvalSetError)
 
 
 def main(argv: list[str] | None = None) -> int:
