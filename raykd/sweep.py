@@ -102,7 +102,11 @@ def check_models(spec: SweepSpec) -> int:
     """The dry run's model check: folders' files, hub ids in the cache or on the hub (nothing downloaded)."""
     from raykd.models import ModelError, check_models, describe_models
 
-    return _dry_check(lambda: describe_models(r) if (r := check_models(spec)) else None, ModelError)
+    def describe() -> str | None:
+        resolved = check_models(spec)
+        return describe_models(resolved) if resolved else None
+
+    return _dry_check(describe, ModelError)
 
 
 def check_eval_sets(spec: SweepSpec) -> int:
