@@ -7,9 +7,10 @@ Two tasks, each deterministic from a seed and with difficulty knobs:
 - ``modchain``: a value taken through ``steps`` operations (plus d, minus d, times u with u a unit) modulo
   ``modulus``; the answer is the final value.
 
-A small decoder solves both with the chain of thought and sits at chance without it (ENVIRONMENT.md). The
-chain is verbose on purpose: each step restates what it does ("step 3 : swap cups 4 and 1 . ball was under
-cup 1 , so it is now under cup 4 ."), so the chain of thought holds most of a trace's tokens, as in real
+A small decoder solves both with the chain of thought and sits at chance without it (measured on a decoder of
+~1M parameters, 4 layers, short chains: cups 100% with the chain, 21% without, chance 20%; modchain 95% /
+10%). The chain is verbose on purpose: each step restates what it does ("step 3 : swap cups 4 and 1 . ball was
+under cup 1 , so it is now under cup 4 ."), so the chain of thought holds most of a trace's tokens, as in real
 reasoning traces, and a lead span of 0.5 cuts into the reasoning rather than into the prompt.
 
 Train and eval splits never share a problem: a problem's split is a function of its content (a hash of its
