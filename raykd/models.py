@@ -123,22 +123,16 @@ def check_models(spec: Any) -> dict[str, ResolvedModel]:
 
 def check_pair(spec: Any, resolved: dict[str, ResolvedModel]) -> None:
     """The resolved teacher and student as one run needs them, on the driver before Ray starts: one
-    vocabulary and a chat template to render the prompts with (raykd.traces.checks; generation checks the
-    same again). Raises ModelError listing both problems. Loads the two tokenizers (transformers, which
-    imports torch), so the dry run, which must stay light, leaves this to the run."""
+    vocabulary and a chat template to render the prompts with (raykd.traces.checks.pair_problems; the
+    sweep's generation does not check them again). Raises ModelError listing both problems. Loads the two
+    tokenizers (transformers, which imports torch), so the dry run, which must stay light, leaves this to
+    the run."""
     if not resolved:
         return  # the embedded pair shares one tokenizer with a ChatML template by construction
-    from raykd.traces import checks
+    from raykd.traces.checks import pair_problems
 
     teacher, student = resolved["teacher"].path, resolved["student"].path
-    trust = spec.teacher.trust_remote_code
-    problems = []
-    for check in (checks.check_vocabulary, checks.check_chat_template):
-        try:
-            check(teacher, student, teacher, trust)
-        except (ValueError, OSError) as error:  # a setup error, or a tokenizer transformers cannot load
-            problems.append(str(error))
-    _raise(problems)
+    _raise(pair_problems(teacher, student, teacher, spec.teacher.trust_remote_code))
 
 
 def resolve_model(role: str, model: Any, download: bool = True) -> ResolvedModel:

@@ -101,6 +101,11 @@ class RunSettings(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Ray Train checkpoints kept per trial.")
 
 
+def trial_dir(output_dir: str, trial_id: str) -> Path:
+    """A trial's own folder under the sweep's output folder (`TrialConfig.folder`)."""
+    return Path(output_dir) / "trials" / trial_id
+
+
 class TrialConfig(Section):
     """Everything one trial runs with, built once on the driver from the validated spec (`trial_config`).
 
@@ -138,7 +143,7 @@ class TrialConfig(Section):
     @property
     def folder(self) -> Path:
         """The trial's own folder: record, Ray Train checkpoints, the trained student."""
-        return Path(self.output_dir) / "trials" / self.trial_id
+        return trial_dir(self.output_dir, self.trial_id)
 
     @property
     def student_out(self) -> str:

@@ -6,7 +6,6 @@ record and are skipped, unfinished trials resume from their last Ray Train check
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -16,7 +15,7 @@ from typing import Any
 
 from raykd import _compat
 from raykd.evalsets import EvalSetError, read_sets, write_sets_file
-from raykd.files import write_json_atomic
+from raykd.files import write_json_atomic, write_jsonl_atomic
 from raykd.identity import Resume, plan_resume, run_identity
 from raykd.lock import FolderLocked, driver_lock
 from raykd.models import ModelError, ResolvedModel, check_pair, forwarded_env, resolve_models
@@ -297,20 +296,12 @@ def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
 
     from raykd.traces import generate_traces
 
-    traces = generate_traces(
-        spec,
-        train_problems,
-        models.tokenizer_dir,
-        models.teacher_dir,
-        spec.output.dir,
-        student_dir=models.student_dir,  # refused before any generation if the vocabularies differ
-    )
+    # The pair (one vocabulary, a chat template) was checked above, before Ray: check_pair.
+    traces = generate_traces(spec, train_problems, models.tokenizer_dir, models.teacher_dir, spec.output.dir)
     _log(f"traces: {traces.path} {traces.summary}")
     clock.lap("traces")
 
-    eval_path = out / "eval_problems.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
-    eval_path.write_text("".join(json.dumps(asdict(p)) + "\n" for p in eval_problems))
+    eval_path = write_jsonl_atomic(out / "eval_problems.jsonl", (asdict(p) for p in eval_problems))
 
     # Every problem a trial is evaluated on is part of its identity: a changed benchmark file reruns it.
     shared = run_identity(models, traces.key, eval_problems + [p for s in eval_sets for p in s.problems])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raykd.files import write_json_atomic
+from raykd.plan import trial_dir
 
 if TYPE_CHECKING:
     from raykd.plan import TrialConfig
@@ -25,10 +26,6 @@ RECORD_KEYS = {"trial_id", "status", "fraction", "segments", "seed"}  # what the
 STARTED = "started.json"  # the identity (fingerprint, settings) a trial was started with
 OK, FAILED = "ok", "failed"
 STATUSES = (OK, FAILED)  # a trial's record: finished with a result, or failed (the error names why)
-
-
-def trial_dir(output_dir: str, trial_id: str) -> Path:
-    return Path(output_dir) / "trials" / trial_id
 
 
 def read_record(output_dir: str, trial_id: str) -> dict[str, Any] | None:

@@ -164,8 +164,8 @@ def test_bad_rows_are_clear_errors():
     short["topk_ids"] = short["topk_ids"][:-1]
     with pytest.raises(ValueError, match="len\\(completion_ids\\) \\* k"):
         _prepare(_rows(short))
-    with pytest.raises(ValueError, match="truncation_policy 'lead' is not one of"):
-        TrialData(truncation_policy="lead")
+    with pytest.raises(ValueError, match="truncation policy 'lead' is not one of"):
+        _prepare(_rows(_row([1, 2], [5], [6])), truncation_policy="lead")
 
 
 # ------------------------------------------------------------------------------------------ epoch plans

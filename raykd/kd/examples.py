@@ -45,7 +45,9 @@ TRAIN_COLUMNS = (
 
 @dataclass(frozen=True)
 class TrialData:
-    """How one trial cuts and labels its traces."""
+    """How one trial cuts and labels its traces. The values were validated with the spec (its
+    training.truncation_policy, sweep.truncation and sweep.segments rules), so none is checked again here;
+    `raykd.truncation` refuses an unknown policy where it is used."""
 
     fraction: float = 1.0
     truncation_policy: str = "lead_span"
@@ -58,13 +60,6 @@ class TrialData:
         """A trial's grid point and truncation settings."""
         t = cfg.training
         return cls(cfg.fraction, t.truncation_policy, cfg.segments, t.random_label_mask, cfg.seed)
-
-    def __post_init__(self) -> None:
-        if self.truncation_policy not in truncation.POLICIES:
-            policies = list(truncation.POLICIES)
-            raise ValueError(f"truncation_policy {self.truncation_policy!r} is not one of {policies}")
-        truncation.as_fraction(self.fraction)
-        truncation.segment_codes(self.segments)
 
 
 @dataclass(frozen=True, eq=False)

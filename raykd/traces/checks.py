@@ -16,6 +16,25 @@ from raykd.files import read_model_config
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def pair_problems(
+    teacher: str, student: str, tokenizer: str | None = None, trust_remote_code: bool = False
+) -> list[str]:
+    """Every reason the pair cannot be distilled (`check_vocabulary`, `check_chat_template`), one message
+    each; a tokenizer transformers cannot load is one too. The one place both checks run from: the sweep's
+    driver before Ray (raykd.models.check_pair), or `generate_traces` when its caller names the student."""
+    tokenizer = tokenizer or teacher
+    problems = []
+    for check, args in (
+        (check_vocabulary, (teacher, student, tokenizer)),
+        (check_chat_template, (tokenizer, student, teacher)),
+    ):
+        try:
+            check(*args, trust_remote_code)
+        except (ValueError, OSError) as error:
+            problems.append(str(error))
+    return problems
+
+
 def check_vocabulary(
     teacher: str, student: str, tokenizer: str | None = None, trust_remote_code: bool = False
 ) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from raykd.engine import checks as engine_checks
+from raykd.engine.checks import SetupError
 from raykd.files import write_json_atomic
 from raykd.problems.answers import STATUSES
 from raykd.problems.tasks import Problem
@@ -64,9 +65,10 @@ def generate_traces(
 
     spec: raykd.spec.SweepSpec; problems: raykd.problems.tasks.Problem list (stable ids). With
     ``problems.source: traces`` the traces of spec.problems.path are scored instead (only the ids in
-    ``problems`` when it is not empty; `raykd.traces.existing.trace_problems` lists them). ``student_dir``
-    (default: spec.student.model unless 'embedded') is checked to share the teacher's vocabulary before any
-    generation. Returns the TraceSet with its summary (counts, tokens, bytes per token, tokens/s).
+    ``problems`` when it is not empty; `raykd.traces.existing.trace_problems` lists them). ``student_dir``,
+    when given, is checked to share the teacher's vocabulary, and the pair to have a chat template, before
+    any generation (the sweep checks its pair on the driver before Ray and gives none). Returns the TraceSet
+    with its summary (counts, tokens, bytes per token, tokens/s).
     """
     tokenizer_dir, teacher_dir = str(tokenizer_dir), str(teacher_dir)
     preflight(spec, tokenizer_dir, teacher_dir, student_dir)
@@ -100,16 +102,16 @@ def generate_traces(
 
 
 def preflight(spec: Any, tokenizer_dir: str, teacher_dir: str, student_dir: str | Path | None) -> None:
-    """Everything that can be refused before Ray or vLLM start: paths, vocabularies, the chat template,
-    parallelism."""
+    """Everything that can be refused before Ray or vLLM start: paths, parallelism and, when the caller
+    names the student, the pair (one vocabulary, a chat template: raykd.traces.checks.pair_problems). The
+    sweep names none: its driver checked the pair before Ray (raykd.models.check_pair)."""
     engine_checks.check_model_path(teacher_dir, "teacher.model")
-    if student_dir is None and spec.student.model != "embedded":
-        student_dir = spec.student.model
-    trust = spec.teacher.trust_remote_code
     if student_dir is not None:
         engine_checks.check_model_path(str(student_dir), "student.model")
-        checks.check_vocabulary(teacher_dir, str(student_dir), tokenizer_dir, trust)
-    checks.check_chat_template(tokenizer_dir, student_dir and str(student_dir), teacher_dir, trust)
+        trust = spec.teacher.trust_remote_code
+        problems = checks.pair_problems(teacher_dir, str(student_dir), tokenizer_dir, trust)
+        if problems:
+            raise SetupError("\n".join(problems))
     engine_checks.check_tensor_parallel(spec.generation.gpus_per_engine, spec.generation.tensor_parallel)
 
 
