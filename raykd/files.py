@@ -3,7 +3,8 @@
 A rename within one folder is atomic on POSIX filesystems, so a crash (SIGKILL included) leaves either the
 old file or the new one, never a half-written one that a later run would trust. Temporary names start with
 a dot and the target's name, so whatever a killed writer left behind is easy to spot (and `build_once`
-removes it). Also here: reading a model folder's config.json, the one place raykd parses it.
+removes it). Also here: reading a model folder's config.json, the one place raykd parses it, and which of
+its files make a tokenizer.
 
 Light: standard library only.
 """
@@ -105,9 +106,20 @@ def read_model_config(folder: str | Path, *, text: bool = True) -> dict[str, Any
     return {**data, **part} if text and isinstance(part, dict) else data
 
 
+# One of these makes a tokenizer that transformers can load (tokenizer_config.json alone does not).
+TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether a model folder holds its own tokenizer (one of TOKENIZER_CORE)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_CORE)
+
+
 __all__ = [
+    "TOKENIZER_CORE",
     "atomic_folder",
     "build_once",
+    "has_tokenizer",
     "read_model_config",
     "write_json_atomic",
     "write_jsonl_atomic",

@@ -22,7 +22,8 @@ dashboard. Workers need no token (they read local snapshots); where something on
 give the nodes the token in their own environment (a secret) or as `$HF_HOME/token` on the shared storage.
 `forwarded_env()` lists the non-secret settings that do travel.
 
-Imports only the standard library at module level; huggingface_hub (light, no torch) inside functions.
+Imports only the standard library (and raykd.files, which does too) at module level; huggingface_hub (light,
+no torch) inside functions.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from raykd.files import TOKENIZER_CORE, has_tokenizer
 
 # The files a model needs to be loaded by transformers and vLLM, and nothing else (no README, no ONNX, GGUF or
 # other exports, no original checkpoints). Weights come as safetensors, or as PyTorch .bin where a
@@ -52,8 +55,6 @@ TOKENIZER_FILES = [
 SAFETENSORS = ["*.safetensors", "*.safetensors.index.json"]
 TORCH_BIN = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 REMOTE_CODE = ["*.py"]  # only with trust_remote_code
-# One of these makes a tokenizer (tokenizer_config.json alone does not).
-TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 # Hugging Face settings every Ray process gets from the driver (cache location, offline mode, endpoint).
 HF_ENV = (
@@ -183,7 +184,7 @@ def folder_problems(folder: Path, key: str, where: str, hub: bool = False) -> li
     missing = missing_shards(folder)
     if missing:
         problems.append(f"{key}: {where} lacks weight shard(s) {missing[:3]} its index names; {fix}")
-    if not any((folder / name).is_file() for name in TOKENIZER_CORE):
+    if not has_tokenizer(folder):
         problems.append(f"{key}: {where} has no tokenizer ({', '.join(TOKENIZER_CORE)}); {fix}")
     return problems
 

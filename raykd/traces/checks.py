@@ -6,14 +6,11 @@ config and tokenizer files (transformers' tokenizer loader), never weights.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from raykd.chat import load_tokenizer
 from raykd.engine.checks import SetupError
-from raykd.files import read_model_config
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+from raykd.files import TOKENIZER_CORE, has_tokenizer, read_model_config
 
 
 def pair_problems(
@@ -47,7 +44,7 @@ def check_vocabulary(
     teacher's tokenizer). Reads tokenizers and config.json, never weights.
     """
     t_vocab = _teacher_tokenizer(tokenizer or teacher, teacher, trust_remote_code).get_vocab()
-    s_vocab = load_tokenizer(student, trust_remote_code).get_vocab() if _has_tokenizer(student) else None
+    s_vocab = load_tokenizer(student, trust_remote_code).get_vocab() if has_tokenizer(student) else None
     pair = f"student.model {student} does not share the vocabulary of teacher.model {teacher}"
     fix = "distillation compares token ids: pick a student of the teacher's family (one tokenizer)"
     if s_vocab is not None:
@@ -67,9 +64,9 @@ def check_vocabulary(
 
 
 def _teacher_tokenizer(source: str, teacher: str, trust_remote_code: bool) -> Any:
-    if not _has_tokenizer(source):
+    if not has_tokenizer(source):
         raise SetupError(
-            f"teacher.model {teacher}: no tokenizer files in {source} ({', '.join(_TOKENIZER_FILES)}); "
+            f"teacher.model {teacher}: no tokenizer files in {source} ({', '.join(TOKENIZER_CORE)}); "
             "give a model folder that holds its tokenizer"
         )
     return load_tokenizer(source, trust_remote_code)
@@ -88,7 +85,7 @@ def check_chat_template(
     and evaluated with; a base student without one is fine, a teacher without one is refused."""
     if _teacher_tokenizer(tokenizer, teacher or tokenizer, trust_remote_code).chat_template:
         return
-    student_has = student is not None and _has_tokenizer(student)
+    student_has = student is not None and has_tokenizer(student)
     student_has = student_has and bool(load_tokenizer(student, trust_remote_code).chat_template)
     where = f"teacher.model {teacher or tokenizer} has no chat template"
     if student_has:
@@ -101,7 +98,3 @@ def check_chat_template(
         f"{where}, nor has student.model {student}: the traces need a chat format for their prompts; "
         "use an instruct teacher (its tokenizer_config.json holds a chat_template) or add one to it"
     )
-
-
-def _has_tokenizer(folder: str) -> bool:
-    return any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES)
