@@ -224,7 +224,7 @@ def test_vocabulary_mismatch_and_batch_split_are_errors_before_training(tmp_path
     ):
         _train_cfg(tmp_path, teacher_signal="online", batch_size=6)
     with pytest.raises(ValueError, match=r"another vocabulary"):
-        check_vocab(synthetic.tiny_llama(VOCAB, hidden=64, heads=2), max_topk_id=VOCAB)
+        check_vocab(synthetic.tiny_llama(VOCAB, hidden=64, heads=2), max_token_id=VOCAB)
 
 
 def test_peak_memory_sees_a_temporary_allocation():

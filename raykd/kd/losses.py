@@ -71,10 +71,11 @@ def _topk_losses(
     config: LossSpec,
 ) -> TokenLosses:
     """selected: (t, k), lse_rest: (t,), target_logit: (t,) -> TokenLosses over t positions."""
-    logq, lse_all = student_buckets(selected, lse_rest, config.temperature)
+    logq, lse_all = student_buckets(selected, lse_rest, config.temperature, teacher.keep)
     # The teacher follows the student's compute dtype, so a float64 cache cannot promote the whole loss.
     logprobs = teacher.logprobs.to(selected.dtype)
-    logp, mass = teacher_topk_logprobs(logprobs, vocab, config.temperature)
+    complete = teacher.complete(vocab)
+    logp, mass = teacher_topk_logprobs(logprobs, vocab, config.temperature, complete=complete)
     return TokenLosses(lse_all - target_logit, _divergence(logq, logp, config), mass)
 
 
@@ -101,7 +102,7 @@ def token_losses(
     logits = upcast(student_logits)
     targets = targets.long()
     if isinstance(teacher, TopKTeacher):
-        selected, lse_rest = topk_stats(logits, teacher.ids.long())
+        selected, lse_rest = topk_stats(logits, teacher.ids.long(), teacher.complete(logits.shape[-1]))
         target_logit = logits.gather(-1, targets[:, None]).squeeze(-1)
         return _topk_losses(selected, lse_rest, target_logit, teacher, logits.shape[-1], config)
     return _full_losses(logits, targets, teacher.full_logits(), config)
@@ -144,7 +145,9 @@ def _topk_chunk(
         leaves = [selected, target_logit, lse_rest]
         g_sel, g_target, g_rest = torch.autograd.grad(losses.weighted_sum(config.kd_weight), leaves)
     grad = buf.mul_(torch.where(sums > 0, g_rest / sums, 0.0)[:, None])
-    grad.scatter_(-1, ids, g_sel)  # ids are distinct; the buffer holds 0 there
+    # The buffer holds 0 at the ids; adding (not writing) keeps a kept id's gradient where a left-out entry
+    # repeats that id with a zero gradient (TopKTeacher.keep).
+    grad.scatter_add_(-1, ids, g_sel)
     grad.scatter_add_(-1, targets[:, None], g_target[:, None])  # the target may be one of the ids
     return losses.detach(), grad
 
@@ -288,12 +291,21 @@ def _check_inputs(
         rows["segment_ids"] = segments.shape[0]
     if any(r != n for r in rows.values()):
         raise ValueError(f"every input needs one row per supervised token ({n}); got {rows}")
-    if isinstance(teacher, TopKTeacher) and (
-        teacher.ids.shape != teacher.logprobs.shape or teacher.ids.shape[-1] > vocab
-    ):
+    if isinstance(teacher, TopKTeacher):
+        _check_topk(teacher, vocab)
+
+
+def _check_topk(teacher: TopKTeacher, vocab: int) -> None:
+    ids = teacher.ids
+    if ids.shape != teacher.logprobs.shape or ids.shape[-1] > vocab:
         raise ValueError(
-            f"top-k ids {tuple(teacher.ids.shape)} and logprobs {tuple(teacher.logprobs.shape)} must both be"
+            f"top-k ids {tuple(ids.shape)} and logprobs {tuple(teacher.logprobs.shape)} must both be"
             f" (tokens, k) with k <= vocab = {vocab}"
+        )
+    if ids.numel() and int(ids.max()) >= vocab:
+        raise ValueError(
+            f"top-k id {int(ids.max())} is past the student's {vocab} rows: restrict the teacher to the "
+            "shared rows first (raykd.kd.teachers.shared_rows) and leave out positions with no entry left"
         )
 
 

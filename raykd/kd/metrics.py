@@ -49,6 +49,9 @@ def means(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
         f"{prefix}kd": sums.get("kd_sum", 0.0) / max(kd_tokens, 1),
         f"{prefix}loss": sums.get("loss_sum", 0.0) / max(tokens, 1),
         f"{prefix}topk_mass": sums.get("topk_mass_sum", 0.0) / max(kd_tokens, 1),
+        # per position with a cached teacher row (those left with no entry included)
+        f"{prefix}topk_dropped_mass": sums.get("topk_dropped_mass", 0.0)
+        / max(kd_tokens + sums.get("topk_unshared_targets", 0.0), 1),
     }
     for name in SEGMENT_NAMES:
         n = sums.get(f"tokens_{name}", 0.0)
@@ -113,6 +116,8 @@ def final_metrics(totals: Totals, prep: PrepStats, plan: PlanStats) -> dict[str,
         "step_mem_bytes": totals.step_mem_bytes,
         "wall_s": wall,
         "dummy_micro_batches": run.get("dummy_micro_batches", 0.0),
+        "topk_dropped_entries": run.get("topk_dropped_entries", 0.0),
+        "topk_unshared_targets": run.get("topk_unshared_targets", 0.0),
         "oversized_sequences": all_reduce([plan.oversized_sequences])[0],
         "max_pass_tokens": all_reduce([plan.max_pass_tokens], "max")[0],
         "skipped_steps": all_reduce([totals.skipped_steps], "max")[0],

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from raykd.kd.losses import CHUNK_SIZE, chunked_kd_loss
-from raykd.kd.teachers import TeacherHead, TopKTeacher
+from raykd.kd.teachers import TeacherHead, TopKTeacher, shared_rows
 from raykd.spec import LossSpec
 
 
@@ -46,7 +46,9 @@ class KDStudent(nn.Module):
 
     Returns a tuple of tensors (DeepSpeed attaches its ZeRO-3 backward hooks to tensors in tuples):
     (loss_sum, ce_sum, kd_sum, topk_mass_sum, kd_tokens, segment_ce (3,), segment_kd (3,), segment_tokens
-    (3,)).
+    (3,), dropped (3,)). dropped: what the cached teacher lost to the student's rows (`shared_rows`), over
+    the positions with a teacher: top-k entries past the rows, the teacher's mass on them, and positions
+    left with no entry, which train on CE only (zeros for an online teacher).
     """
 
     def __init__(self, model: nn.Module, loss: LossSpec, chunk_size: int = CHUNK_SIZE):
@@ -80,12 +82,16 @@ class KDStudent(nn.Module):
             weight, teacher_weight = shared_vocabulary(weight, teacher_weight)
             teacher = TeacherHead(teacher_hidden, teacher_weight)
             sums = chunked_kd_loss(hidden, weight, target_ids, teacher, self.loss, segment, self.chunk_size)
-            return _as_tuple(sums, sums.n_tokens)
+            return (*_as_tuple(sums, sums.n_tokens), torch.zeros(3, device=hidden.device))
+        cached, dropped = shared_rows(TopKTeacher(topk_ids, topk_logprobs), _rows(weight))
+        # Counted over the positions with a teacher (the others hold a placeholder row).
+        seen = [dropped.entries * has_teacher, dropped.mass * has_teacher, dropped.empty & has_teacher]
+        counts = torch.stack([x.sum().float() for x in seen])
+        has_teacher = has_teacher & ~dropped.empty
         if bool(has_teacher.all()):
-            teacher = TopKTeacher(topk_ids, topk_logprobs)
-            sums = chunked_kd_loss(hidden, weight, target_ids, teacher, self.loss, segment, self.chunk_size)
-            return _as_tuple(sums, sums.n_tokens)
-        return self._split_forward(hidden, weight, target_ids, segment, topk_ids, topk_logprobs, has_teacher)
+            sums = chunked_kd_loss(hidden, weight, target_ids, cached, self.loss, segment, self.chunk_size)
+            return (*_as_tuple(sums, sums.n_tokens), counts)
+        return (*self._split_forward(hidden, weight, target_ids, segment, cached, has_teacher), counts)
 
     def _split_forward(
         self,
@@ -93,24 +99,18 @@ class KDStudent(nn.Module):
         weight: Tensor,
         target_ids: Tensor,
         segment: Tensor,
-        topk_ids: Tensor,
-        topk_logprobs: Tensor,
+        teacher: TopKTeacher,
         has_teacher: Tensor,
     ) -> tuple[Tensor, ...]:
-        """Prompt targets without cached teacher rows: their loss is (1 - λ)·CE, the KD term is absent."""
+        """Targets without cached teacher rows (prompt targets of traces without prompt logprobs, positions
+        whose top-k lies past the student's rows): their loss is (1 - λ)·CE, the KD term is absent."""
         t, s = has_teacher.nonzero().squeeze(-1), (~has_teacher).nonzero().squeeze(-1)
         kd = chunked_kd_loss(
-            hidden[t],
-            weight,
-            target_ids[t],
-            TopKTeacher(topk_ids[t], topk_logprobs[t]),
-            self.loss,
-            segment[t],
-            self.chunk_size,
+            hidden[t], weight, target_ids[t], teacher.select(t), self.loss, segment[t], self.chunk_size
         )
         # kd_weight = 0 makes loss_sum plain CE; the teacher passed is a placeholder the CE never reads.
         ce_only = self.loss.model_copy(update={"kd_weight": 0.0})
-        placeholder = TopKTeacher(target_ids[s, None], torch.zeros_like(topk_logprobs[s, :1]))
+        placeholder = TopKTeacher(target_ids[s, None], torch.zeros_like(teacher.logprobs[s, :1]))
         ce = chunked_kd_loss(
             hidden[s], weight, target_ids[s], placeholder, ce_only, segment[s], self.chunk_size
         )
@@ -165,14 +165,18 @@ def shared_vocabulary(student_weight: Tensor, teacher_weight: Tensor) -> tuple[T
     return student_weight[:rows], teacher_weight[:rows]
 
 
-def check_vocab(student: nn.Module, max_topk_id: int | None = None) -> None:
-    """A clear error, before any step, when the cached teacher ids cannot index the student's vocabulary
-    (the traces' own ids; the tokenizers themselves were compared on the driver)."""
-    vocab = _rows(student.get_output_embeddings().weight)
-    if max_topk_id is not None and max_topk_id >= vocab:
+def check_vocab(student: nn.Module, max_token_id: int | None) -> None:
+    """A clear error, before any step, when the traces' token ids (prompts and completions) cannot index the
+    student's embedding. The tokenizers were compared on the driver, and generation samples only ids the
+    teacher's tokenizer emits (`raykd.traces.checks.emittable_ids`), so this finds traces made otherwise.
+    Cached top-k ids past the student's rows are a padded teacher's and are dropped by the loss
+    (`raykd.kd.teachers.shared_rows`)."""
+    rows = _rows(student.get_input_embeddings().weight)
+    if max_token_id is not None and max_token_id >= rows:
         raise ValueError(
-            f"cached teacher top-k holds token id {max_topk_id}, outside the student's vocabulary ({vocab}); "
-            "the traces come from a teacher with another vocabulary"
+            f"the traces hold token id {max_token_id}, past the student's {rows} embedding rows: they were "
+            "sampled from a teacher padding row or another vocabulary; delete their folder under "
+            "output.dir/traces and run the sweep again to generate them with this teacher and tokenizer"
         )
 
 

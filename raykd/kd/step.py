@@ -46,6 +46,11 @@ SUM_KEYS = (
     "sequences",
     "dummy_micro_batches",
     "flops",
+    # The cached teacher's top-k entries past the student's rows (a padded teacher), dropped by the loss: how
+    # many, the teacher's mass on them, and positions left with none (CE only). KDStudent's last output.
+    "topk_dropped_entries",
+    "topk_dropped_mass",
+    "topk_unshared_targets",
 )
 
 
@@ -122,7 +127,9 @@ def _accumulate(
     if mb.weight == 0:
         sums["dummy_micro_batches"] += 1
         return
-    loss, ce, kd, mass, kd_tokens, seg_ce, seg_kd, seg_tokens = (t.detach().float().cpu() for t in out)
+    loss, ce, kd, mass, kd_tokens, seg_ce, seg_kd, seg_tokens, dropped = (
+        t.detach().float().cpu() for t in out
+    )
     for key, value in (
         ("loss_sum", loss),
         ("ce_sum", ce),
@@ -135,6 +142,8 @@ def _accumulate(
         sums[f"ce_{name}"] += float(seg_ce[i])
         sums[f"kd_{name}"] += float(seg_kd[i])
         sums[f"tokens_{name}"] += float(seg_tokens[i])
+    for i, key in enumerate(("topk_dropped_entries", "topk_dropped_mass", "topk_unshared_targets")):
+        sums[key] += float(dropped[i])
     sums["tokens"] += mb.n_targets
     sums["forward_tokens"] += mb.forward_tokens
     sums["kept_tokens"] += mb.kept_tokens

@@ -98,3 +98,20 @@ def check_chat_template(
         f"{where}, nor has student.model {student}: the traces need a chat format for their prompts; "
         "use an instruct teacher (its tokenizer_config.json holds a chat_template) or add one to it"
     )
+
+
+def emittable_ids(tokenizer: str, teacher: str, trust_remote_code: bool = False) -> list[int] | None:
+    """The ids the teacher may sample: those its tokenizer holds, when its embedding has rows past them
+    (padding: Qwen3-8B has 151936 rows for 151669 tokens); None when every row is a token.
+
+    vLLM samples over every row, and an untrained padding row can win: its id decodes to nothing and is past
+    a smaller student's embedding. The sampler masks the other rows out (vLLM's allowed_token_ids) after it
+    has taken the logprobs (raw_logprobs), so the cached top-k still shows the teacher's padding; the KD
+    loss drops those entries (raykd.kd.teachers.shared_rows).
+    """
+    rows = read_model_config(teacher).get("vocab_size")
+    if rows is None:
+        return None
+    held = set(_teacher_tokenizer(tokenizer, teacher, trust_remote_code).get_vocab().values())
+    ids = sorted(i for i in held if 0 <= i < rows)
+    return None if len(ids) == rows else ids

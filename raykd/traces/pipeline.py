@@ -138,7 +138,9 @@ def run_generation(
     ds, max_model_len = rendered_prompts(spec, items, tokenizer_dir, teacher_dir, batch_size)
     stage_kwargs = {
         "engine": engine_config(spec, teacher_dir, tokenizer_dir, max_model_len),
-        "sampling": sampling_params(spec),
+        "sampling": sampling_params(
+            spec, checks.emittable_ids(tokenizer_dir, teacher_dir, spec.teacher.trust_remote_code)
+        ),
         "samples": gen.samples_per_prompt,
         "tokenizer_dir": tokenizer_dir,
     }
@@ -167,16 +169,18 @@ def rendered_prompts(
     return ds, engine_checks.check_context(lengths, gen.max_tokens, context, "generation", spec.teacher.model)
 
 
-def sampling_params(spec: Any) -> dict[str, Any]:
-    """vLLM sampling settings of the teacher (top-k logprobs at every generated position)."""
+def sampling_params(spec: Any, allowed_ids: list[int] | None = None) -> dict[str, Any]:
+    """vLLM sampling settings of the teacher (top-k logprobs at every generated position). ``allowed_ids``:
+    the only ids it may sample, for a teacher with padding rows (`raykd.traces.checks.emittable_ids`)."""
     gen = spec.generation
-    return {
+    params = {
         "temperature": gen.temperature,
         "top_p": gen.top_p,
         "max_tokens": gen.max_tokens,
         "logprobs": gen.logprobs_k,
         "prompt_logprobs": gen.logprobs_k if supervises_prompt(spec) else None,
     }
+    return params if allowed_ids is None else {**params, "allowed_token_ids": allowed_ids}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
