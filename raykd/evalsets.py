@@ -89,6 +89,12 @@ class EvalSetSpec(BaseModel):
         "problems.answer_check for the heldout set.",
     )
     limit: int | None = Field(None, gt=0, description="Evaluate only the first N problems (a quick check).")
+    size: int | None = Field(
+        None,
+        gt=0,
+        description="The number of problems the file holds (AIME 2024: 30, MATH-500: 500): a file of another "
+        "size is refused, and a dry run on a machine without the file bills this many.",
+    )
     samples: int | None = Field(None, gt=0, description="Samples per problem; default evaluation.samples.")
     temperature: float | None = Field(None, ge=0, description="Default evaluation.temperature.")
     top_p: float | None = Field(None, gt=0, le=1, description="Default evaluation.top_p.")
@@ -115,7 +121,9 @@ def _source_problems(spec: EvalSetSpec) -> list[str]:
             return [f"path {spec.path!r} is a URI; give a file system path (on a cluster, shared storage)"]
         return []
     given = [
-        key for key in ("path", "split", "prompt_field", "answer_field", "id_field") if getattr(spec, key)
+        key
+        for key in ("path", "split", "prompt_field", "answer_field", "id_field", "size")
+        if getattr(spec, key)
     ]
     if spec.layout != "problem_answer" or spec.choices_field or spec.distractor_fields:
         given.append("layout")
@@ -167,7 +175,11 @@ class EvalSetError(ValueError):
 
 @dataclass(frozen=True)
 class EvalSet:
-    """A set read and checked, with its sampling resolved against the `evaluation` section."""
+    """A set read and checked, with its sampling resolved against the `evaluation` section.
+
+    A set the dry run could not read (its file is not on this machine, or the held-out split is not cut yet)
+    has no problems; ``missing`` says why and ``expected`` is the count the plan bills for it (None: unknown).
+    """
 
     name: str
     problems: list[Any]  # raykd.problems.tasks.Problem
@@ -178,11 +190,41 @@ class EvalSet:
     max_tokens: int
     source: str = "file"
     unparseable: int = 0  # reference answers the check cannot parse (those problems count as wrong)
+    missing: str = ""
+    expected: int | None = None
+
+    @property
+    def n_problems(self) -> int | None:
+        """The problems it evaluates: those read, or for a set not read the count expected."""
+        return self.expected if self.missing else len(self.problems)
 
     @property
     def max_completion_tokens(self) -> int:
-        """The most tokens evaluating this set can generate: problems x samples x max_tokens."""
-        return len(self.problems) * self.samples * self.max_tokens
+        """The most tokens evaluating this set can generate per model: problems x samples x max_tokens
+        (0 for a set of unknown size)."""
+        return (self.n_problems or 0) * self.samples * self.max_tokens
+
+
+class _KeyError(ValueError):
+    """A set error that names its own spec key (``key``: '.size', ...)."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
+def _resolved(spec: EvalSetSpec, evaluation: Any, check: str, problems: list[Any], **kw: Any) -> EvalSet:
+    return EvalSet(
+        name=spec.name,
+        problems=problems,
+        check=check,
+        samples=spec.samples or evaluation.samples,
+        temperature=evaluation.temperature if spec.temperature is None else spec.temperature,
+        top_p=spec.top_p or evaluation.top_p,
+        max_tokens=spec.max_tokens or evaluation.max_tokens,
+        source=spec.source,
+        **kw,
+    )
 
 
 def read_set(
@@ -194,6 +236,12 @@ def read_set(
         problems, check = list(heldout or []), spec.check or default_check
     else:
         problems, check = _read_file(spec), spec.check or "math"
+        if spec.size is not None and len(problems) != spec.size:
+            raise _KeyError(
+                ".size",
+                f"{spec.path} holds {len(problems)} problems, size says {spec.size}; bring the whole "
+                "benchmark file (README: Results and evaluation sets) or correct size",
+            )
     problems = problems[: spec.limit] if spec.limit else problems
     unparseable = _unparseable(problems, check)
     if problems and unparseable == len(problems):
@@ -202,33 +250,60 @@ def read_set(
             f"none of the {len(problems)} reference answers parse for check '{check}' (first: {example!r}); "
             "name the field that holds the final answer (answer_field) or use check: exact"
         )
-    return EvalSet(
-        name=spec.name,
-        problems=problems,
-        check=check,
-        samples=spec.samples or evaluation.samples,
-        temperature=evaluation.temperature if spec.temperature is None else spec.temperature,
-        top_p=spec.top_p or evaluation.top_p,
-        max_tokens=spec.max_tokens or evaluation.max_tokens,
-        source=spec.source,
-        unparseable=unparseable,
-    )
+    return _resolved(spec, evaluation, check, problems, unparseable=unparseable)
 
 
-def read_sets(spec: Any, heldout: list[Any] | None = None, cwd: Path | None = None) -> list[EvalSet]:
+def unread_set(spec: EvalSetSpec, evaluation: Any, default_check: str, eval_size: int, why: str) -> EvalSet:
+    """A set as the plan sees it without reading it: no problems, ``expected`` from its size (capped by
+    limit) or problems.eval_size for the held-out split; ``why`` says why it was not read."""
+    size = eval_size if spec.source == "heldout" else spec.size
+    expected = min(size, spec.limit) if size and spec.limit else size or spec.limit
+    check = spec.check or (default_check if spec.source == "heldout" else "math")
+    return _resolved(spec, evaluation, check, [], missing=why, expected=expected)
+
+
+def planned_sets(spec: Any, sets: list[EvalSet] | None = None) -> list[EvalSet]:
+    """The sets a sweep (raykd.spec.SweepSpec) evaluates every trial on, for its cost: ``sets`` when read
+    (the dry run), else from the spec alone (`unread_set`); with no evaluation.sets, the held-out problems
+    under the evaluation settings."""
+    if sets:
+        return sets
+    ev, problems = spec.evaluation, spec.problems
+    if not ev.sets:
+        heldout = EvalSetSpec(name="heldout", source="heldout")
+        return [unread_set(heldout, ev, problems.answer_check, problems.eval_size, "not read")]
+    return [unread_set(s, ev, problems.answer_check, problems.eval_size, "not read") for s in ev.sets]
+
+
+def read_sets(
+    spec: Any, heldout: list[Any] | None = None, cwd: Path | None = None, *, missing_ok: bool = False
+) -> list[EvalSet]:
     """Every set of ``spec.evaluation.sets`` (a raykd.spec.SweepSpec), read and checked; all problems are
     reported at once in an EvalSetError. Relative paths are taken against ``cwd`` (the shell's, default).
-    A 'heldout' set without ``heldout`` problems (the dry run, before the split is made) is returned empty."""
+
+    Without ``heldout`` problems (the dry run, before the split is cut) a 'heldout' set is not read; with
+    ``missing_ok`` (the dry run) neither is a file that is not on this machine (a cluster's shared storage
+    seen from a laptop): both come back as `unread_set`, so the plan still bills them. The run itself reads
+    with neither, so a missing file is refused, naming its key, before any generation or training."""
     sets, problems = [], []
-    for index, eval_set in enumerate(spec.evaluation.sets):
+    ev, check, eval_size = spec.evaluation, spec.problems.answer_check, spec.problems.eval_size
+    for index, eval_set in enumerate(ev.sets):
         if eval_set.path is not None:
             eval_set = eval_set.model_copy(update={"path": str((cwd or Path.cwd()) / eval_set.path)})
-        try:
-            sets.append(read_set(eval_set, spec.evaluation, spec.problems.answer_check, heldout))
-        except ValueError as error:
-            problems.append(
-                f"evaluation.sets[{index}] ('{eval_set.name}'){_key_of(error, eval_set)}: {error}"
+        if eval_set.source == "heldout" and heldout is None:
+            sets.append(
+                unread_set(eval_set, ev, check, eval_size, "cut from the training source at run time")
             )
+        elif missing_ok and eval_set.path is not None and not Path(eval_set.path).exists():
+            why = f"{eval_set.path} is not on this machine; the run reads and checks it before any training"
+            sets.append(unread_set(eval_set, ev, check, eval_size, why))
+        else:
+            try:
+                sets.append(read_set(eval_set, ev, check, heldout))
+            except ValueError as error:
+                problems.append(
+                    f"evaluation.sets[{index}] ('{eval_set.name}'){_key_of(error, eval_set)}: {error}"
+                )
     if problems:
         raise EvalSetError(problems)
     return sets
@@ -257,21 +332,30 @@ def read_sets_file(path: str | Path) -> list[EvalSet]:
     return sets
 
 
-def describe_sets(sets: list[EvalSet], heldout_size: int | None = None) -> str:
-    """Dry-run lines: each set's problems, samples and the most tokens it can generate per evaluated model."""
+def describe_sets(sets: list[EvalSet]) -> str:
+    """Dry-run lines: each set's problems, samples and the most tokens it can generate per evaluated model;
+    a set not read says why, and what its cost is counted from."""
     lines = []
     for s in sets:
-        n = heldout_size if s.source == "heldout" and heldout_size is not None else len(s.problems)
+        known = s.n_problems is not None
         note = f", {s.unparseable} reference answer(s) the check cannot parse" if s.unparseable else ""
+        if s.missing:
+            counted = "its size and limit" if s.source == "file" else "problems.eval_size"
+            note += f"; not read: {s.missing}" + (
+                f" (problems counted from {counted})" if known else "; give size: N to count its cost"
+            )
         lines.append(
-            f"eval set '{s.name}': {n} problems x {s.samples} samples (check {s.check}, T={s.temperature:g}, "
-            f"top-p {s.top_p:g}), at most {n * s.samples * s.max_tokens:,} tokens per model{note}"
+            f"eval set '{s.name}': {s.n_problems if known else 'unknown'} problems x {s.samples} samples x "
+            f"{s.max_tokens:,} max tokens (check {s.check}, T={s.temperature:g}, top-p {s.top_p:g}), at most "
+            f"{f'{s.max_completion_tokens:,}' if known else 'unknown'} tokens per model{note}"
         )
     return "\n".join(lines)
 
 
 def _key_of(error: ValueError, spec: EvalSetSpec) -> str:
     """The spec key a file error points at: the field option that names the file's missing or bad field."""
+    if isinstance(error, _KeyError):
+        return error.key
     field = getattr(error, "field", None)
     if (
         field is None

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import Field
 
+from raykd.evalsets import EvalSet, planned_sets
 from raykd.grid import Trial, fraction_label, grid_trials
 from raykd.spec import (
     AnswerCheck,
@@ -217,8 +218,10 @@ ASSUMED = {
 }
 
 
-def gpu_hours(spec: SweepSpec, plan: Plan) -> dict[str, float]:
-    """A rough GPU-hour bill: generation + training (which scales with the sum of fractions) + evaluation."""
+def gpu_hours(spec: SweepSpec, plan: Plan, sets: list[EvalSet] | None = None) -> dict[str, float]:
+    """A rough GPU-hour bill: generation + training (which scales with the sum of fractions) + evaluation
+    of every trial on every set (``sets`` as read, else as the spec says: raykd.evalsets.planned_sets) +
+    the references (teacher and base student, once per sweep, on every set)."""
     a, gen, p = ASSUMED, spec.generation, spec.problems
     completion = a["completion_fill"] * gen.max_tokens
     gen_gpus = gen.engines * gen.gpus_per_engine
@@ -229,18 +232,45 @@ def gpu_hours(spec: SweepSpec, plan: Plan) -> dict[str, float]:
     sum_f = sum(t.fraction for t in plan.trials)
     train_h = sum_f * spec.training.epochs * seq_tokens / 3600 / a["train_tokens_per_s_per_gpu"]
     train_h += len(plan.trials) * train_gpus * a["startup_h_per_job"]
-    ev = spec.evaluation
-    eval_tokens = p.eval_size * ev.samples * a["eval_completion_fill"] * ev.max_tokens  # per trial (ρe·Te)
-    eval_h = len(plan.trials) * eval_tokens / 3600 / a["eval_tokens_per_s_per_gpu"]
+    trials_h, refs_h = 0.0, 2 * a["startup_h_per_job"]  # the references' two engines, one per model
+    for eval_set in planned_sets(spec, sets):
+        on_trials, on_refs = set_gpu_hours(spec, plan, eval_set)
+        trials_h, refs_h = trials_h + on_trials, refs_h + on_refs
     if not gen_gpus:
-        gen_h = 0.0
+        gen_h = refs_h = 0.0
     if not train_gpus:
-        train_h = eval_h = 0.0
-    return {"generation": gen_h, "training": train_h, "evaluation": eval_h}
+        train_h = trials_h = 0.0
+    return {"generation": gen_h, "training": train_h, "evaluation": trials_h, "references": refs_h}
 
 
-def describe_plan(spec: SweepSpec, plan: Plan) -> str:
-    """The dry-run text: what would run, with what, and where results go."""
+def set_gpu_hours(spec: SweepSpec, plan: Plan, eval_set: EvalSet) -> tuple[float, float]:
+    """(every trial, the two references) GPU-hours of evaluating one set: ρe of its most tokens per model
+    (problems x samples x max_tokens), at the student's rate for each trial and the base student, at the
+    teacher's generation rate for the teacher (engine starts not included)."""
+    a = ASSUMED
+    tokens = a["eval_completion_fill"] * eval_set.max_completion_tokens  # per evaluated model (ρe·n·k·Te)
+    trials = len(plan.trials) * tokens / 3600 / a["eval_tokens_per_s_per_gpu"]
+    student = tokens / 3600 / a["eval_tokens_per_s_per_gpu"]
+    teacher = tokens / 3600 / a["gen_tokens_per_s_per_gpu"]
+    return trials, student + teacher
+
+
+def describe_set_costs(spec: SweepSpec, plan: Plan, sets: list[EvalSet] | None = None) -> list[str]:
+    """One line per evaluation set: its most tokens per model and its GPU-hours (`set_gpu_hours`)."""
+    lines = []
+    for s in planned_sets(spec, sets):
+        on_trials, on_refs = set_gpu_hours(spec, plan, s)
+        n = "? (size unknown)" if s.n_problems is None else f"{s.n_problems}"
+        lines.append(
+            f"  evaluation on '{s.name}': {n} problems x {s.samples} samples x {s.max_tokens:,} max tokens = "
+            f"{s.max_completion_tokens:,} tokens at most per model; {on_trials:.1f} GPU-hours over "
+            f"{len(plan.trials)} trials + {on_refs:.1f} for the references"
+        )
+    return lines
+
+
+def describe_plan(spec: SweepSpec, plan: Plan, sets: list[EvalSet] | None = None) -> str:
+    """The dry-run text: what would run, with what, and where results go (``sets``: as `gpu_hours`)."""
     kd, gen, res = spec.training.kd, spec.generation, spec.resources
     lines = [
         f"sweep '{spec.name}': {len(plan.trials)} trials "
@@ -260,13 +290,15 @@ def describe_plan(spec: SweepSpec, plan: Plan) -> str:
         lines.append(
             f"{i:>3}  {t.trial_id:<24} {fraction_label(t.fraction):>8}  {t.segments_label:<10} {t.seed:>4}"
         )
-    cost = gpu_hours(spec, plan)
+    cost = gpu_hours(spec, plan, sets)
     if sum(cost.values()) > 0:
         lines += [
             "",
             f"estimated GPU-hours: {sum(cost.values()):.0f} (generation {cost['generation']:.0f}, training "
-            f"{cost['training']:.0f}, evaluation {cost['evaluation']:.0f}); a rough guess from assumed rates "
-            "(raykd.plan.ASSUMED): measure yours with benchmarks/",
+            f"{cost['training']:.0f}, evaluation {cost['evaluation']:.0f}, references "
+            f"{cost['references']:.0f}); a rough guess from assumed rates (raykd.plan.ASSUMED): measure "
+            "yours with benchmarks/",
+            *describe_set_costs(spec, plan, sets),
         ]
     lines += [
         "",

@@ -9,13 +9,14 @@ references and models, for scripts) and frontier.png.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raykd.files import write_json_atomic
+from raykd.files import write_json_atomic, write_text_atomic
 from raykd.trial import OK
 
 COLUMNS = [
@@ -50,13 +51,30 @@ COLUMNS = [
 
 @dataclass
 class References:
-    """Accuracies to read the table against (the tiny run knows its teacher and student base)."""
+    """Accuracies to read the table against: the teacher's and the base student's (the tiny run knows
+    them; raykd.references measures them), on the held-out problems or the first set, and with evaluation
+    sets on every set."""
 
     teacher_accuracy: float | None = None
     student_base_accuracy: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     # role -> how the run names the model ('org/name@<commit>'): the header of results.md
     models: dict[str, str] = field(default_factory=dict)
+    # set name -> role ('teacher', 'student') -> its result (accuracy, stderr, pass_at_k, truncated_share...)
+    sets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def lines(self, set_name: str | None) -> dict[str, float]:
+        """label -> accuracy of the reference lines of one set (None: the held-out problems)."""
+        if set_name is not None and self.sets:
+            found = self.sets.get(set_name) or {}
+            values = {label: (found.get(role) or {}).get("accuracy") for role, label in REFERENCE_ROLES}
+        else:
+            values = {"teacher": self.teacher_accuracy, "student base": self.student_base_accuracy}
+        return {label: value for label, value in values.items() if value is not None}
+
+
+# (role in References.sets, how tables and the plot name it)
+REFERENCE_ROLES = (("teacher", "teacher"), ("student", "student base"))
 
 
 def _saved(value: float | None, full: float | None) -> float | None:
@@ -327,7 +345,9 @@ def markdown_table(
         lines.append("| " + " | ".join(cells) + " |")
     if aggregates and several_seeds(rows):
         lines += ["", *aggregate_table(aggregates)]
-    if refs and (refs.teacher_accuracy is not None or refs.student_base_accuracy is not None):
+    if refs and refs.sets and sets:
+        lines += ["", *reference_table(refs)]
+    elif refs and (refs.teacher_accuracy is not None or refs.student_base_accuracy is not None):
         lines.append("")
         if refs.teacher_accuracy is not None:
             lines.append(f"teacher accuracy (reference): {refs.teacher_accuracy:.3f}")
@@ -339,34 +359,91 @@ def markdown_table(
     return "\n".join(lines)
 
 
+def reference_table(refs: References) -> list[str]:
+    """Markdown lines: per set, the teacher's and the base student's pass@1 ± stderr, measured by the
+    evaluator the trained students go through (raykd.references)."""
+    lines = [
+        "references: the teacher and the base student, by the same evaluator (pass@1 ± stderr)",
+        "",
+        "| set | " + " | ".join(label for _, label in REFERENCE_ROLES) + " |",
+        "|---|" + "---|" * len(REFERENCE_ROLES),
+    ]
+    for name, roles in refs.sets.items():
+        cells = []
+        for role, _ in REFERENCE_ROLES:
+            got = roles.get(role) or {}
+            known = got.get("accuracy") is not None
+            cells.append(f"{got['accuracy']:.3f} ± {got.get('stderr') or 0:.3f}" if known else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
-def _frontier_points(
-    rows: list[dict[str, Any]], aggregates: list[dict[str, Any]] | None
-) -> list[tuple[str, float, float, float, float]]:
-    """(line label, flops, accuracy, error bar, fraction) to plot: the means over seeds (± standard error
-    of the mean) when the grid has several seeds, so each mask is one line (per evaluation set); else every
-    ok trial (± stderr)."""
+@dataclass(frozen=True)
+class _Point:
+    """One point of frontier.png: its panel (the evaluation set), line (the mask), position and error."""
+
+    set: str | None
+    segments: str
+    flops: float
+    accuracy: float
+    error: float
+    fraction: float
+
+
+def _frontier_points(rows: list[dict[str, Any]], aggregates: list[dict[str, Any]] | None) -> list[_Point]:
+    """The points to plot: the means over seeds (± standard error of the mean) when the grid has several
+    seeds, so each mask is one line per set; else every ok trial (± stderr)."""
     if aggregates and several_seeds(rows):
         return [
-            (_label(a), a["flops"], a["accuracy_mean"], a["accuracy_sem"] or 0.0, a["fraction"])
+            _Point(
+                a["set"], a["segments"], a["flops"], a["accuracy_mean"], a["accuracy_sem"] or 0, a["fraction"]
+            )
             for a in aggregates
             if a["accuracy_mean"] is not None and a["flops"]
         ]
     return [
-        (_label(r), r["flops"], r["accuracy"], r["stderr"] or 0.0, r["fraction"])
+        _Point(r["set"], r["segments"], r["flops"], r["accuracy"], r["stderr"] or 0.0, r["fraction"])
         for r in rows
         if r["status"] == OK and r["flops"] and r["accuracy"] is not None
     ]
 
 
-def _label(row: dict[str, Any]) -> str:
-    return row["segments"] + (f" · {row['set']}" if row.get("set") else "")
+def panel_sets(rows: list[dict[str, Any]], refs: References | None = None) -> list[str | None]:
+    """The panels of frontier.png: one per evaluation set, in the table's order (one panel without sets)."""
+    names: list[str | None] = list(dict.fromkeys(r.get("set") for r in rows))
+    return names or list(refs.sets if refs else []) or [None]
+
+
+REFERENCE_STYLES = {"teacher": "--", "student base": ":"}
+
+
+def _panel(ax: Any, points: list[_Point], reference_lines: dict[str, float], title: str) -> None:
+    """One set's panel: a line per segment mask, the references of that set as horizontal lines."""
+    for segments in sorted({p.segments for p in points}):
+        line = sorted((p for p in points if p.segments == segments), key=lambda p: p.flops)
+        xs, ys, es = [p.flops for p in line], [p.accuracy for p in line], [p.error for p in line]
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=segments)
+        for p in line:
+            ax.annotate(f"f={p.fraction:g}", (p.flops, p.accuracy), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)  # fmt: skip
+    for label, value in reference_lines.items():
+        ax.axhline(value, color="gray", linestyle=REFERENCE_STYLES[label], label=label)
+    if points:  # log scale needs positive values; an empty panel keeps the linear frame
+        ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (log)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:  # no ok trial with FLOPs yet: an empty frame, no legend
+        ax.legend(fontsize=8)
 
 
 def plot_frontier(
@@ -375,35 +452,40 @@ def plot_frontier(
     refs: References | None = None,
     aggregates: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Accuracy against training FLOPs, one line per segment mask (the quality/compute frontier)."""
+    """Write frontier.png (`frontier_figure`)."""
+    import matplotlib.pyplot as plt
+
+    fig = frontier_figure(rows, refs, aggregates)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def frontier_figure(
+    rows: list[dict[str, Any]],
+    refs: References | None = None,
+    aggregates: list[dict[str, Any]] | None = None,
+) -> Any:
+    """Accuracy against training FLOPs, one line per segment mask (the quality/compute frontier), one
+    panel per evaluation set with that set's reference lines; a matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = panel_sets(rows, refs)
+    columns = min(3, len(names))
+    grid_rows = math.ceil(len(names) / columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(7 * columns, 4.5 * grid_rows), squeeze=False)
     points = _frontier_points(rows, aggregates)
-    for label in sorted({p[0] for p in points}):
-        xs, ys, es, fs = zip(*sorted(p[1:] for p in points if p[0] == label), strict=True)
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
-        for x, y, f in zip(xs, ys, fs, strict=True):
-            ax.annotate(f"f={f:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    if refs and refs.teacher_accuracy is not None:
-        ax.axhline(refs.teacher_accuracy, color="gray", linestyle="--", label="teacher")
-    if refs and refs.student_base_accuracy is not None:
-        ax.axhline(refs.student_base_accuracy, color="gray", linestyle=":", label="student base")
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (log)")
     means = aggregates and several_seeds(rows)
-    ax.set_ylabel("eval accuracy (pass@1" + ("; mean over seeds ± s.e.)" if means else ")"))
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("Accuracy against compute, by supervised segments")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # no ok trial with FLOPs yet: an empty frame, no legend
-        ax.legend(fontsize=8)
+    for ax, name in zip(axes.flat, names, strict=False):
+        title = "Accuracy against compute, by supervised segments" + (f": {name}" if name else "")
+        _panel(ax, [p for p in points if p.set == name], refs.lines(name) if refs else {}, title)
+        ax.set_ylabel("eval accuracy (pass@1" + ("; mean over seeds ± s.e.)" if means else ")"))
+    for ax in list(axes.flat)[len(names) :]:
+        fig.delaxes(ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def results_json(
@@ -424,6 +506,7 @@ def results_json(
         "references": {
             "teacher_accuracy": refs.teacher_accuracy,
             "student_base_accuracy": refs.student_base_accuracy,
+            **({"sets": refs.sets} if refs.sets else {}),
             **refs.extra,
         },
         "models": refs.models,
@@ -438,7 +521,7 @@ def write_results(records: list[dict[str, Any]], out_dir: Path, refs: References
     aggregates = aggregate_rows(per_set)
     table = markdown_table(rows, refs, aggregates)
     write_csv(rows, out_dir / "results.csv")
-    (out_dir / "results.md").write_text(table + "\n")
+    write_text_atomic(out_dir / "results.md", table + "\n")
     write_json_atomic(out_dir / "results.json", results_json(records, rows, aggregates, refs), newline=True)
     plot_frontier(rows, out_dir / "frontier.png", refs, aggregates)
     return table

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -305,11 +305,11 @@ def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
 
     # Every problem a trial is evaluated on is part of its identity: a changed benchmark file reruns it.
     shared = run_identity(models, traces.key, eval_problems + [p for s in eval_sets for p in s.problems])
-    if models.teacher_accuracy is None:  # hub or folder models: measured once per output folder
+    refs = References(models.teacher_accuracy, models.student_accuracy)  # the embedded pair measured itself
+    if models.teacher_accuracy is None or eval_sets:  # the trials' evaluator on every set, cached by content
         from raykd import references
 
-        teacher_acc, student_acc = references.measure(spec, models, eval_problems, out, shared)
-        models = replace(models, teacher_accuracy=teacher_acc, student_accuracy=student_acc)
+        refs = references.measure(spec, models, eval_sets, eval_problems, out, shared)
         clock.lap("references")
     resume = plan_resume(spec, plan.trials, plan.output_dir, shared)
     paths = {"traces_path": str(traces.path), "eval_problems_path": str(eval_path)}
@@ -320,7 +320,6 @@ def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
 
     records = [resume.finished(plan.output_dir, t) for t in plan.trials]
     done = [r for r in records if r is not None]
-    refs = References(models.teacher_accuracy, models.student_accuracy)
     refs.models = {"teacher": models.teacher_label, "student": models.student_label}
     table = write_results(done, out, refs)
     clock.lap("report")

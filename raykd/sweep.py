@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from raykd.evalsets import EvalSet, EvalSetError, describe_sets, read_sets
 from raykd.plan import describe_plan, make_plan
 from raykd.spec import SpecError, SweepSpec, field_help, load_spec
 
@@ -109,13 +110,22 @@ def check_models(spec: SweepSpec) -> int:
     return _dry_check(describe, ModelError)
 
 
-def check_eval_sets(spec: SweepSpec) -> int:
-    """The dry run's evaluation-set check: every set's file read, its fields and reference answers checked."""
-    from raykd.evalsets import EvalSetError, describe_sets, read_sets
+def read_eval_sets(spec: SweepSpec) -> list[EvalSet] | EvalSetError:
+    """The dry run's evaluation sets: every file read, its fields and reference answers checked (a file not
+    on this machine is noted, not read); the EvalSetError itself when some set is bad."""
+    try:
+        return read_sets(spec, missing_ok=True)
+    except EvalSetError as e:
+        return e
+
+
+def check_eval_sets(sets: list[EvalSet] | EvalSetError) -> int:
+    """Print the sets `read_eval_sets` read, or its error (exit code 2)."""
 
     def describe() -> str | None:
-        sets = read_sets(spec)
-        return describe_sets(sets, spec.problems.eval_size) if sets else None
+        if isinstance(sets, EvalSetError):
+            raise sets
+        return describe_sets(sets) if sets else None
 
     return _dry_check(describe, EvalSetError)
 
@@ -136,9 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     plan = make_plan(spec)
+    if args.dry_run:  # the sets are read first: the plan bills each set's problems
+        sets = read_eval_sets(spec)
+        print(describe_plan(spec, plan, None if isinstance(sets, EvalSetError) else sets))
+        return max(check_models(spec), check_eval_sets(sets))  # every problem at once
     print(describe_plan(spec, plan))
-    if args.dry_run:
-        return max(check_models(spec), check_eval_sets(spec))  # every problem at once
     from raykd.run import run_sweep  # heavy imports (ray) only when running for real
 
     return run_sweep(spec, plan)

@@ -3,6 +3,7 @@ input refused with the set and key named (in the spec, when reading, and by the 
 
 from __future__ import annotations
 
+import copy
 import string
 from pathlib import Path
 from typing import Any
@@ -180,12 +181,124 @@ def test_dry_run_prints_each_set_and_refuses_a_bad_one(tmp_path: Path, capsys: p
     path.write_text(yaml.safe_dump(spec))
     assert main([str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "eval set 'aime24': 3 problems x 4 samples (check math" in out and "at most 1,200 tokens" in out
+    assert "eval set 'aime24': 3 problems x 4 samples x 100 max tokens (check math" in out
+    assert "at most 1,200 tokens per model" in out
     assert f"eval set 'heldout': {spec['problems']['eval_size']} problems x 2 samples" in out
     spec["evaluation"]["sets"][0]["path"] = str(FIXTURES / "missing_answer.jsonl")
     path.write_text(yaml.safe_dump(spec))
     assert main([str(path), "--dry-run"]) == 2
     assert "evaluation.sets[0] ('aime24').answer_field" in capsys.readouterr().err
+
+
+def test_a_file_not_on_this_machine_is_noted_by_the_dry_run_and_refused_by_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from raykd.sweep import main
+
+    gone = tmp_path / "shared" / "aime25.jsonl"
+    spec = spec_with_sets(
+        {"name": "aime25", "path": str(gone), "size": 30, "samples": 4},
+        {"name": "unsized", "path": str(tmp_path / "shared" / "other.jsonl")},
+    )
+    spec["output"] = {"dir": str(tmp_path / "out")}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"eval set 'aime25': 30 problems x 4 samples x 100 max tokens (check math, T=0.6, top-p 0.95), at "
+        f"most 12,000 tokens per model; not read: {gone} is not on this machine; the run reads and checks "
+        "it before any training (problems counted from its size and limit)"
+    ) in out
+    assert "eval set 'unsized': unknown problems" in out and "give size: N to count its cost" in out
+    with pytest.raises(EvalSetError) as error:  # what the run reads, before any generation or training
+        read_sets(parse_spec(spec), heldout=[])
+    missing, unsized = error.value.problems
+    assert missing.startswith("evaluation.sets[0] ('aime25').path: ") and "no such file" in missing
+    assert unsized.startswith("evaluation.sets[1] ('unsized').path: ")
+
+
+def test_size_refuses_a_partial_file_and_bills_a_missing_one() -> None:
+    aime = {"name": "aime24", "path": str(FIXTURES / "aime.jsonl")}
+    with pytest.raises(EvalSetError) as error:
+        read_sets(parse_spec(spec_with_sets(aime | {"size": 30})))
+    [partial] = error.value.problems
+    assert (
+        partial.startswith("evaluation.sets[0] ('aime24').size: ")
+        and "holds 3 problems, size says 30" in partial
+    )
+    [whole] = read_sets(parse_spec(spec_with_sets(aime | {"size": 3, "limit": 2})))
+    assert len(whole.problems) == 2  # size checks the file, limit then takes the first problems
+    [heldout] = spec_problems({"name": "h", "source": "heldout", "size": 5})
+    assert "drop size" in heldout
+
+
+def test_the_plan_bills_every_set_problems_x_samples_x_max_tokens() -> None:
+    from raykd.evalsets import planned_sets
+    from raykd.plan import ASSUMED, describe_plan, gpu_hours, make_plan
+
+    grid = yaml.safe_load(GRID.read_text())
+    spec = parse_spec(grid)
+    plan = make_plan(spec)
+    sets = planned_sets(spec)  # from the spec alone: the files are on the cluster's storage
+    assert [(s.name, s.n_problems, s.samples) for s in sets] == [
+        ("aime24", 30, 16), ("aime25", 30, 16), ("math500", 500, 4),
+    ]  # fmt: skip
+    tokens = sum(n * k * spec.evaluation.max_tokens for n, k in ((30, 16), (30, 16), (500, 4)))
+    per_model = ASSUMED["eval_completion_fill"] * tokens / 3600
+    cost = gpu_hours(spec, plan)
+    assert cost["evaluation"] == pytest.approx(60 * per_model / ASSUMED["eval_tokens_per_s_per_gpu"])
+    teacher, student = (
+        per_model / ASSUMED["gen_tokens_per_s_per_gpu"],
+        per_model / ASSUMED["eval_tokens_per_s_per_gpu"],
+    )
+    startups = 2 * ASSUMED["startup_h_per_job"]  # one engine per reference model serves every set
+    assert cost["references"] == pytest.approx(teacher + student + startups)
+    more = copy.deepcopy(grid)
+    more["evaluation"]["sets"][2]["samples"] = 8  # twice MATH-500's samples: its share of the bill doubles
+    more_cost = gpu_hours(parse_spec(more), plan)["evaluation"]
+    math500 = 60 * ASSUMED["eval_completion_fill"] * 500 * 4 * spec.evaluation.max_tokens / 3600 / 6000.0
+    assert more_cost - cost["evaluation"] == pytest.approx(math500)
+    text = describe_plan(spec, plan)
+    assert (
+        "  evaluation on 'math500': 500 problems x 4 samples x 31,744 max tokens = 63,488,000 tokens" in text
+    )
+    plain = copy.deepcopy(grid)
+    del plain["evaluation"]["sets"]  # no sets: the held-out problems, as before
+    [heldout] = planned_sets(parse_spec(plain))
+    assert (heldout.name, heldout.n_problems, heldout.samples) == ("heldout", 500, 16)
+
+
+GRID = Path(__file__).parents[1] / "sweeps" / "grid.yaml"
+
+
+def test_grid_evaluates_the_papers_benchmarks_on_shared_storage() -> None:
+    spec = parse_spec(yaml.safe_load(GRID.read_text()))
+    ev = spec.evaluation
+    assert [s.name for s in ev.sets] == ["aime24", "aime25", "math500"]
+    assert (ev.temperature, ev.top_p) == (0.6, 0.95) and ev.samples > 1  # pass@1 over several samples
+    for s in ev.sets:
+        assert s.path.startswith("/mnt/raykd/evals/") and s.size and s.temperature is None
+        assert (s.samples or ev.samples) > 1 and (s.max_tokens or ev.max_tokens) >= 30_000
+    # the student (Qwen3-1.7B-Base, 32,768 positions) holds the prompt and the longest completion
+    assert ev.max_tokens + 1024 <= 32_768
+
+
+def test_grid_dry_run_bills_each_set_without_its_files(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    run = subprocess.run(
+        [sys.executable, "-m", "raykd.sweep", "sweeps/grid.yaml", "--dry-run"],
+        capture_output=True, text=True, cwd=root, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    for name, n, k in (("aime24", 30, 16), ("aime25", 30, 16), ("math500", 500, 4)):
+        assert f"  evaluation on '{name}': {n} problems x {k} samples x 31,744 max tokens" in run.stdout
+        if not Path(f"/mnt/raykd/evals/{name}.jsonl").exists():
+            assert f"eval set '{name}': {n} problems" in run.stdout and "is not on this machine" in run.stdout
+    assert "references" in next(line for line in run.stdout.splitlines() if "estimated GPU-hours" in line)
 
 
 def test_letters_cover_up_to_26_choices() -> None:
@@ -360,6 +473,20 @@ def test_sweep_with_two_seeds_and_two_sets_reports_each_set_and_reruns_nothing(
     assert aggregates["aime-layout"]["n_seeds"] == 2 and aggregates["heldout"]["retained_pct"] == 100.0
     table = (out / "results.md").read_text()
     assert "mean over seeds" in table and "| 1.00 | CoT | aime-layout | 2 |" in table
+    # the teacher and the base student on every set, by the trials' evaluator, with its completions kept
+    refs = data["references"]["sets"]
+    assert sorted(refs) == ["aime-layout", "heldout"]
+    for name, n in (("heldout", 8), ("aime-layout", 6 * 2)):
+        for role in ("teacher", "student"):
+            assert (refs[name][role]["n_problems"] * refs[name][role]["n_samples"]) == n
+        row = f"| {name} | {refs[name]['teacher']['accuracy']:.3f} ± {refs[name]['teacher']['stderr']:.3f} | "
+        assert row in table
+    assert refs["aime-layout"]["teacher"]["accuracy"] >= 0.5  # the teacher solves the task it taught
+    kept = json.loads((out / "references.json").read_text())["entries"]["teacher"]
+    assert all(Path(p).with_suffix(".completions.jsonl").is_file() for p in kept)
+    assert "reference teacher" in first.stdout and "(0 of 2 cached)" in first.stdout
     second = run_sweep(path, cache_dir)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert "2 trial(s) already finished, 0 to run" in second.stdout
+    assert second.stdout.count("(2 of 2 cached)") == 2  # teacher and student: no engine started
+    assert json.loads((out / "results.json").read_text())["references"]["sets"] == refs
