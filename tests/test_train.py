@@ -2,7 +2,8 @@
 
 The slow tests run the real stack (local Ray, Train V2, DeepSpeed ZeRO on gloo) on a tiny random Llama and
 synthetic traces in the agreed schema, and check what a user looks at: losses, checkpoints, the Hugging Face
-student. A worker killed mid-run, and the resume, are tests/test_faults.py's.
+student. A worker killed mid-run and the resume: tests/test_resume.py (the same weights as an uninterrupted
+run) and tests/test_faults.py (through the sweep command).
 """
 
 from __future__ import annotations
@@ -331,7 +332,7 @@ def _read_rows(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def zero2_run(ray_local, run_root: Path) -> object:
-    """ZeRO-2, 2 workers, 8 steps, a checkpoint every 2 (a worker killed mid-run: tests/test_faults.py)."""
+    """ZeRO-2, 2 workers, 8 steps, a checkpoint every 2 (a worker killed mid-run: tests/test_resume.py)."""
     return _fit(ray_local, run_root, "zero2")
 
 
