@@ -2,6 +2,7 @@
 
     python benchmarks/first_run.py --out benchmarks/results/first_run.json
     python benchmarks/first_run.py --out /tmp/f.json --spec sweeps/tiny.yaml --no-cached
+    python benchmarks/first_run.py --out /tmp/c.json --cache runs/cache    # only the cached run
 
 Method. The repository's files (as git lists them: tracked, plus new files not ignored) are copied into a new
 temporary folder, and `python -m raykd.sweep sweeps/tiny.yaml` runs there, as the README writes it, with its
@@ -9,12 +10,14 @@ relative `output.dir`, in an environment without RAYKD_CACHE, TORCH_EXTENSIONS_D
 reads: the embedded models, DeepSpeed's extension and the traces are all built from scratch (the installed
 packages are the only thing carried over). Then, unless --no-cached, the same command runs in a second fresh
 copy with RAYKD_CACHE pointing at the first copy's cache: what a second sweep into a new output folder costs
-once the models are built (the traces are generated again). Stage times come from the run's own
+once the models are built (the traces are generated again); `--cache DIR` measures only that run, with the
+models of DIR (a RAYKD_CACHE or `runs/cache` of an earlier run). Stage times come from the run's own
 `timings.json` (raykd.run.StageClock), the trials' from their records, the bootstrap's from the embedded
 models' `embedded.json`.
 
 Writes {"first": {...}, "cached": {...}, "settings": {...}}; each run: wall_s (the command, as timed from
-outside), stages_s, trials (train_s, eval_s, wall_s per trial), the results table and the key accuracies
+outside), stages_s, trials (train_s, eval_s, wall_s per trial, and timeline_s: seconds from the trial's
+start to the end of each of its phases, raykd.trial.timeline), the results table and the key accuracies
 (f = 0.5 CoT retained %, f = 1.0 against the student base). Figures vary with the machine (cores, other
 load) and, for accuracies, with its floating-point kernels: say which machine.
 """
@@ -78,6 +81,7 @@ def read_results(repo: Path, name: str) -> dict[str, Any]:
     for row in rows:
         record = json.loads((out / "trials" / row["trial_id"] / "result.json").read_text())
         trials[row["trial_id"]] = {k: round(record[k] or 0, 1) for k in ("train_s", "eval_s", "wall_s")}
+        trials[row["trial_id"]]["timeline_s"] = record.get("timeline_s")
     return {
         "stages_s": timings["stages_s"],
         "sweep_total_s": timings["total_s"],
@@ -121,12 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", default="sweeps/tiny.yaml", help="spec path, relative to the repository")
     p.add_argument("--no-cached", action="store_true", help="skip the second run with the models cached")
     p.add_argument("--keep", action="store_true", help="keep the temporary copies (their paths are printed)")
+    p.add_argument("--cache", type=Path, help="only the cached run, with the models built in this folder")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="raykd-first-run-"))
     try:
-        report: dict[str, Any] = {"first": measure(args.spec, None, work, "first")}
-        if not args.no_cached and report["first"]["exit_code"] == 0:
-            cache = work / "first" / "runs" / "cache"
+        report: dict[str, Any] = {}
+        if args.cache is None:
+            report["first"] = measure(args.spec, None, work, "first")
+        if args.cache is not None or (not args.no_cached and report["first"]["exit_code"] == 0):
+            cache = args.cache.resolve() if args.cache else work / "first" / "runs" / "cache"
             report["cached"] = measure(args.spec, cache, work, "cached")
         report["settings"] = {
             "spec": args.spec,

@@ -143,6 +143,7 @@ def run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> Non
     quiet_ray_data_progress()  # one set of bars per trial and epoch would bury the step lines
     check_traces(cfg.traces_path)
     trainer = build_trainer(cfg, {"train": _read_traces(cfg.traces_path)}, callbacks=[TuneReportCallback()])
+    fit_start = time.time()
     train_metrics = trainer.fit().metrics or {}
     eval_start = time.time()
     evaluations = _evaluate(cfg, train_metrics["student_dir"])
@@ -171,11 +172,23 @@ def run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> Non
         "student_dir": train_metrics["student_dir"],
         "train_node": train_metrics.get("node_id"),  # the Ray node of training rank 0
         "train_metrics": {k: v for k, v in train_metrics.items() if isinstance(v, int | float | str)},
+        "timeline_s": timeline(start, fit_start, eval_start, train_metrics),
     }
     write_record(cfg.output_dir, cfg.trial_id, record)
     if not cfg.training.keep_optimizer_state:  # only now: the record says it finished
         drop_checkpoints(cfg.output_dir, cfg.trial_id)
     tune.report({"accuracy": evaluation.accuracy, "stderr": evaluation.stderr, "done": True})
+
+
+def timeline(start: float, fit_start: float, eval_start: float, train_metrics: dict[str, Any]) -> dict:
+    """Seconds from the trial's start to each phase's end: what a trial spends outside its training steps
+    (Tune, Ray Train and Ray Data start-up, DeepSpeed set-up, the evaluation engine). Phases in order:
+    fit_start (the trainer is built), entered (the Train worker runs raykd's code), distributed (its
+    process group is up), shard_read, models_built, trained (last step), saved (student written), fit_end
+    (Ray Train returned), eval_end. Worker phases are rank 0's last attempt."""
+    worker = {k[3:]: v for k, v in train_metrics.items() if k.startswith("at_") and isinstance(v, float)}
+    stamps = {"fit_start": fit_start, **worker, "fit_end": eval_start, "eval_end": time.time()}
+    return {phase: round(at - start, 1) for phase, at in stamps.items()}
 
 
 def _read_traces(path: str) -> Any:

@@ -30,6 +30,9 @@ FINAL_METRICS = {
     "loss": "(1 - λ)·CE + λ·KD per supervised token, last epoch",
     "ce_prompt / ce_cot / ce_answer, kd_*, tokens_*": "the same per segment, and its supervised tokens",
     "topk_mass": "mean teacher probability mass covered by the cached top-k (1.0 with an online teacher)",
+    "topk_dropped_entries / topk_dropped_mass / topk_unshared_targets": "a padded teacher's cached top-k "
+    "entries past the student's rows, dropped by the loss (the rest renormalised over the shared rows): "
+    "how many, the teacher's mean probability on them per position, positions left with none (CE only)",
     "supervised_tokens": "target tokens trained on",
     "kept_tokens": "tokens kept by truncation, of the sequences trained on",
     "forward_tokens": "tokens run through the student (kept tokens up to each sequence's last target)",
@@ -54,6 +57,9 @@ FINAL_METRICS = {
     "gradient_checkpointing": "1 when decoder activations were recomputed in the backward pass, else 0",
     "resumed_from_step": "the checkpoint step the last attempt started from, -1 for none",
     "student_dir": "the trained student, a Hugging Face folder (float32 on CPU, bf16 on GPU safetensors)",
+    "at_entered / at_distributed / at_shard_read / at_models_built / at_trained / at_saved": "wall-clock "
+    "times (time.time()) of rank 0's last attempt: train function entered, process group up, shard read, "
+    "models and DeepSpeed engine built, last step done, student saved (raykd.trial's timeline)",
 }
 # Environment the workers need from the driver: DeepSpeed's JIT build cache and accelerator choice, and the
 # Hugging Face cache and offline settings (never a token: raykd.models says why).

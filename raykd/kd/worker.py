@@ -31,6 +31,7 @@ from raykd.plan import TrialConfig
 
 def train_func(config: dict[str, Any]) -> None:
     """Ray Train per-worker entry point (TorchTrainer(train_loop_per_worker=train_func))."""
+    entered = time.time()
     import ray.train
 
     from raykd._compat import quiet_ray_train_report_logger
@@ -38,7 +39,7 @@ def train_func(config: dict[str, Any]) -> None:
     quiet_ray_train_report_logger()
     cfg = TrialConfig.model_validate(config)
     ctx = ray.train.get_context()
-    run = _Run(cfg, ctx.get_world_rank(), ctx.get_world_size())
+    run = _Run(cfg, ctx.get_world_rank(), ctx.get_world_size(), entered)
     run.setup(ray.train.get_dataset_shard("train"), ray.train.get_checkpoint())
     run.train()
     run.finish()
@@ -47,7 +48,10 @@ def train_func(config: dict[str, Any]) -> None:
 class _Run:
     """The state of one worker's run; methods in the order they happen."""
 
-    def __init__(self, cfg: TrialConfig, rank: int, world: int):
+    def __init__(self, cfg: TrialConfig, rank: int, world: int, entered: float):
+        # Wall-clock times (time.time(), comparable across this host's processes) of this attempt's phases,
+        # reported as at_<phase>: the trial's record turns them into its timeline (raykd.trial).
+        self.at = {"entered": entered}
         import deepspeed
         import ray.train.torch
         import torch
@@ -62,6 +66,7 @@ class _Run:
             skip_deepspeed_shm_comm()
         deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
         torch.manual_seed(cfg.seed)
+        self.at["distributed"] = time.time()
         self.totals, self.start, self.global_step = Totals(), Position(), 0
         self.resumed_from: int | None = None  # the checkpoint step this attempt started from
         self.writer: Any = None
@@ -71,6 +76,7 @@ class _Run:
     def setup(self, shard: Any, saved: Any) -> None:
         started = time.perf_counter()
         self.examples, self.prep = load_shard(shard, TrialData.of(self.cfg))
+        self.at["shard_read"] = time.time()
         self._check_examples()
         local = batching.steps_per_epoch(len(self.examples), self.cfg.step_sequences, 1)
         self.steps_per_epoch = int(all_reduce([local], "max")[0])
@@ -81,6 +87,7 @@ class _Run:
             self.start, self.totals = checkpoint.restore(saved, self.engine, self.rank, digest)
             self.global_step = self.resumed_from = self.start.global_step
         self.setup_s = time.perf_counter() - started
+        self.at["models_built"] = time.time()
 
     def _check_examples(self) -> None:
         cfg = self.cfg
@@ -234,11 +241,12 @@ class _Run:
         """Save the student in Hugging Face format, then report the final metrics with a small checkpoint."""
         from raykd.kd.export import save_student
 
-        started = time.perf_counter()
+        started, self.at["trained"] = time.perf_counter(), time.time()
         cfg = self.cfg
         if not self.start.done:
             save_student(self.engine, cfg.training.zero_stage, cfg.student_out, cfg.models, self.rank)
         self.save_s = time.perf_counter() - started
+        self.at["saved"] = time.time()
         if hasattr(self, "memory"):
             self.totals.record_memory(self.memory)
             self.memory.close()
@@ -252,6 +260,7 @@ class _Run:
             "resumed_from_step": -1 if self.resumed_from is None else self.resumed_from,
             "node_id": _node_id(),
             "student_dir": cfg.student_out,
+            **{f"at_{phase}": at for phase, at in self.at.items()},
         }
         if self.writer is not None:
             self.writer.close()
