@@ -6,7 +6,7 @@ what is computed: they cut start-up cost or console noise, or reach what a publi
     DeepSpeed 0.19   skip_deepspeed_shm_comm, zero3_full_state_dict (private), cpu_deepspeed_env
     vLLM 0.32        vllm_cpu_prefill_kwargs, shutdown_vllm_engine (no public close), reap_engine_processes
     Ray 2.60         quiet_ray_train_report_logger (private module), quiet_ray_data_progress,
-                     RAY_PRINT_ONCE_ENV
+                     RAY_PRINT_ONCE_ENV, parquet_reads_without_footer_pool
     transformers     token_ids (4.x and 5.x return types of apply_chat_template)
 
 Light: nothing is imported at module level; each shim imports what it touches.
@@ -118,6 +118,19 @@ def quiet_ray_data_progress() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+
+
+def parquet_reads_without_footer_pool() -> None:
+    """Ray Data 2.60 reads Parquet through its V2 datasource by default, which lists the files on a pool of
+    32 ``FooterReader`` actors (``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS``) started for every read: a Python
+    process each. A trial reads its few trace shards once, so on a small machine it waited for those
+    processes to start (seen: its read took 5-12 s on 2 cores). The V1 datasource reads the footers in the
+    reading process and the rows in read tasks; same rows, same order. Changes this process's (a trial's)
+    ``DataContext`` only. Can go when V2 sizes its footer pool to the files read (check
+    ``FooterFileIndexer.list_files`` in ``ray.data._internal.datasource_v2``) or V1 is removed."""
+    import ray.data
+
+    ray.data.DataContext.get_current().use_datasource_v2 = False
 
 
 # Ray 2.60's Train V2 sends a worker's print() both to Ray's stdout forwarding and to its logger, so each

@@ -8,11 +8,14 @@ Called inside a Ray Tune trial after training (`raykd.trial.run_trial`), or anyw
 
 With Ray running, the engine lives in its own Ray actor that asks for its own CPU/GPU (outside the calling
 trial's placement group) and is killed afterwards, so its memory goes back with its process. Without Ray it
-runs in this process and is shut down before returning.
+runs in this process and is shut down before returning. A sweep's CPU evaluations share one engine instead
+(`SharedEngine`, started by the driver with `start_shared_engine`): each student's weights are loaded into it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,7 @@ import numpy as np
 
 from raykd.engine import checks
 from raykd.engine.config import EngineConfig, request_seed
-from raykd.engine.vllm_engine import run_engine
+from raykd.engine.vllm_engine import VllmEngine, run_engine
 from raykd.metrics import pass_at_1, pass_at_ks, truncated_share
 from raykd.problems.answers import STATUSES, status
 
@@ -89,6 +92,7 @@ def evaluate_sets(
     trust_remote_code: bool = False,
     log_file: str | None = None,
     completions_dir: str | Path | None = None,
+    shared: Any | None = None,
 ) -> dict[str, EvalResult]:
     """Evaluate every set (`raykd.evalsets.EvalSet`: problems, check, samples, temperature, top-p, max
     tokens) with one engine, in one batch: each request carries its set's sampling. Returns an EvalResult
@@ -100,7 +104,8 @@ def evaluate_sets(
     folder holds the traces' tokenizer and template); for a base model name the teacher's. gpus /
     num_cpus / resources (custom) are what the engine actor asks Ray for. With ``completions_dir``, every
     completion is kept in ``<completions_dir>/<set>.jsonl`` (problem id, sample, text, finish reason,
-    status), so a result can be recounted or read.
+    status), so a result can be recounted or read. ``shared``: a `SharedEngine` actor (`start_shared_engine`)
+    to generate with instead of an engine of this call's own.
     """
     from raykd import chat
 
@@ -124,7 +129,7 @@ def evaluate_sets(
         setting="evaluation",
         log_file=log_file,  # the engine actor's vLLM output (raykd.logs); unused without Ray
     )
-    outputs = run_engine(config, batch.prompts, batch.seeds, batch.sampling, num_cpus, resources)
+    outputs = _generate(config, batch, num_cpus, resources, shared)
     texts = tokenizer.batch_decode([o["completion_ids"] for o in outputs], skip_special_tokens=False)
     seconds, end_of_turn = time.perf_counter() - start, chat.end_of_turn(tokenizer)
     results, first = {}, 0
@@ -134,6 +139,117 @@ def evaluate_sets(
         results[eval_set.name] = _score(eval_set, *done, seconds, end_of_turn, completions_dir)
         first += size
     return results
+
+
+def _generate(
+    config: EngineConfig, batch: _Batch, num_cpus: float, resources: dict | None, shared: Any | None
+) -> list[dict]:
+    if shared is not None:
+        import ray
+
+        try:
+            return ray.get(shared.generate.remote(config, batch.prompts, batch.seeds, batch.sampling))
+        except ray.exceptions.RayActorError:
+            pass  # the shared engine's process is gone (killed, out of memory): an engine of this call's own
+    return run_engine(config, batch.prompts, batch.seeds, batch.sampling, num_cpus, resources)
+
+
+class SharedEngine:
+    """One vLLM engine for all the CPU evaluations of a sweep: a Ray actor the driver starts
+    (`start_shared_engine`) and hands to every trial. A new engine per trial costs a Ray worker process,
+    vLLM's import and the engine's start-up, about 15 s of every trial on 2 cores; here the first evaluation
+    builds the engine, and each later student's weights are loaded into it in place (vLLM's
+    ``reload_weights``, the path RL weight updates take), with the prefix cache dropped.
+
+    It serves what a fresh engine would: the same EngineConfig apart from the model folder, and a student
+    folder whose every file but the weights (config, generation config, tokenizer, chat template) matches
+    the one the engine was built from; anything else gets a new engine. A Ray actor runs one call at a time,
+    so a reload never overlaps a generation.
+    """
+
+    def __init__(self) -> None:
+        self.engine: VllmEngine | None = None
+        self.key: tuple | None = None
+        self.loaded = ""
+
+    def generate(
+        self, config: EngineConfig, prompts: list[list[int]], seeds: list[int], sampling: list[dict[str, Any]]
+    ) -> list[dict]:
+        key = _engine_key(config)
+        if self.engine is None or key != self.key:
+            self._start(config, key)
+        elif config.model != self.loaded:
+            try:
+                self._reload(config)
+            except Exception as error:  # a model vLLM cannot reload in place: a new engine serves it
+                print(f"[raykd] reloading weights failed ({error}); starting a new engine", flush=True)
+                self._start(config, key)
+        assert self.engine is not None
+        self.engine.llm.reset_prefix_cache()
+        return self.engine.generate(prompts, seeds, sampling)
+
+    def _start(self, config: EngineConfig, key: tuple) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+        self.engine, self.key, self.loaded = VllmEngine(config), key, config.model
+
+    def _reload(self, config: EngineConfig) -> None:
+        assert self.engine is not None
+        started = time.perf_counter()
+        self.engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": config.model})
+        self.loaded = config.model
+        if config.log_file:  # the engine's own start-up output is in the first student's log
+            with open(config.log_file, "a") as log:
+                log.write(
+                    f"[raykd] weights of {config.model} loaded in {time.perf_counter() - started:.1f} s into "
+                    f"the sweep's shared evaluation engine (its start-up: {self.engine.config.log_file})\n"
+                )
+
+
+def _engine_key(config: EngineConfig) -> tuple:
+    """What an engine serves apart from its weights: the config without its folders and log, and the digest
+    of every file but the weights in the model and tokenizer folders."""
+    rest = dataclasses.replace(config, model="", tokenizer="", log_file=None)
+    return rest, _side_files_digest(config.model), _side_files_digest(config.tokenizer)
+
+
+def _side_files_digest(folder: str) -> str:
+    if not Path(folder).is_dir():
+        return folder
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and path.suffix not in WEIGHT_SUFFIXES:
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def start_shared_engine(eval_gpus: int, resources: dict[str, float] | None = None) -> Any | None:
+    """A `SharedEngine` actor for a sweep's evaluations, or None where they use GPUs (a held GPU would be
+    one fewer for training; each trial then starts its own engine, as `evaluate_sets` does without it).
+
+    It asks Ray for no CPU: it computes only while a trial evaluates, when that trial's training worker has
+    returned its CPU, as a trial's own engine would; holding one for the whole sweep would take it from the
+    training workers. The caller owns it: `stop_shared_engine` when the trials are done.
+    """
+    if eval_gpus:
+        return None
+    import ray
+
+    actor = ray.remote(SharedEngine).options(
+        num_cpus=0, resources=resources or {}, scheduling_strategy="DEFAULT", max_restarts=0
+    )
+    return actor.remote()
+
+
+def stop_shared_engine(shared: Any | None) -> None:
+    if shared is not None:
+        import ray
+
+        ray.kill(shared)
 
 
 @dataclass(frozen=True)

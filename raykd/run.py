@@ -15,6 +15,7 @@ from typing import Any
 
 from raykd import _compat
 from raykd.evalsets import EvalSetError, read_sets, write_sets_file
+from raykd.evaluate import start_shared_engine, stop_shared_engine
 from raykd.files import write_json_atomic, write_jsonl_atomic
 from raykd.identity import Resume, plan_resume, run_identity
 from raykd.lock import FolderLocked, driver_lock
@@ -35,6 +36,9 @@ RAY_ENV = {
     **_compat.RAY_PRINT_ONCE_ENV,
 }
 CPU_ENV = {"DS_ACCELERATOR": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+# Only for a Ray this driver starts on its own machine, which no cloud preempts: Train V2 would otherwise
+# start a PreemptionWatcher actor (one more process polling for node drains) with each trial's worker group.
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 # A custom resource only the head node has (cluster/ configs give it 1000): trial drivers ask for one unit, so
 # they (and the Train controllers Ray places beside them) never land on spot GPU workers.
@@ -88,6 +92,8 @@ def start_ray(spec: SweepSpec, cache_dir: Path) -> None:
     env = dict(RAY_ENV, TORCH_EXTENSIONS_DIR=str(cache_dir / "torch_extensions"))
     if spec.resources.gpus_per_worker == 0 or spec.generation.gpus_per_engine == 0:
         env |= CPU_ENV
+    if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
+        env |= LOCAL_ENV
     for key, value in env.items():
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
@@ -193,15 +199,19 @@ def run_trials(spec: SweepSpec, plan: Plan, configs: list[TrialConfig]) -> None:
     # wait for every running trial to stop and save its state.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     by_id = {c.trial_id: c for c in configs}
+    # One evaluation engine for every trial (CPU evaluation only; raykd.evaluate.SharedEngine says why).
+    shared = start_shared_engine(configs[0].eval_engine.gpus, configs[0].eval_engine.resources)
     # Tune's grid (and its console table) is over trial ids only; each trial looks its config up by id.
     # The trial holds no CPU, a unit of the head's resource; its trainer and evaluator ask for their own.
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, configs={tid: c.model_dump() for tid, c in by_id.items()}),
+        tune.with_parameters(
+            run_trial, configs={tid: c.model_dump() for tid, c in by_id.items()}, shared_engine=shared
+        ),
         {"cpu": TRIAL_DRIVER.cpus, HEAD_RESOURCE: 1},
     )
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search(list(by_id))},
+        param_space={"trial": tune.grid_search(_launch_order(by_id, plan.concurrent))},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=plan.concurrent,
             reuse_actors=False,
@@ -215,13 +225,26 @@ def run_trials(spec: SweepSpec, plan: Plan, configs: list[TrialConfig]) -> None:
             verbose=1,
         ),
     )
-    for result in tuner.fit():
+    try:
+        results = tuner.fit()
+    finally:
+        stop_shared_engine(shared)
+    for result in results:
         cfg = by_id[result.config["trial"]]
         finished = (read_record(plan.output_dir, cfg.trial_id) or {}).get("status") == OK
         if result.error is not None and not finished:
             lines = str(result.error).strip().splitlines() or [type(result.error).__name__]
             error = lines[-1][:300]
             write_record(plan.output_dir, cfg.trial_id, {**record_head(cfg, FAILED), "error": error})
+
+
+def _launch_order(by_id: dict[str, TrialConfig], concurrent: int) -> list[str]:
+    """Trials side by side: longest first (training time follows the kept share), so the short ones fill in
+    at the end and the slots finish together instead of one running a long trial alone. One at a time,
+    the order changes nothing: the grid's own."""
+    if concurrent <= 1:
+        return list(by_id)
+    return sorted(by_id, key=lambda tid: -by_id[tid].fraction)
 
 
 def _run_pending(

@@ -128,9 +128,12 @@ def check_traces(traces_path: str) -> None:
         )
 
 
-def run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:
+def run_trial(
+    config: dict[str, Any], configs: dict[str, dict[str, Any]], shared_engine: Any | None = None
+) -> None:
     """Tune function trainable (through ``tune.with_parameters``). ``config["trial"]`` is the trial id, and
-    ``configs[id]`` its `raykd.plan.TrialConfig` dump, validated here once (no globals)."""
+    ``configs[id]`` its `raykd.plan.TrialConfig` dump, validated here once (no globals). ``shared_engine``:
+    the sweep's evaluation engine (`raykd.evaluate.start_shared_engine`), None for one of the trial's own."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -146,7 +149,7 @@ def run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> Non
     fit_start = time.time()
     train_metrics = trainer.fit().metrics or {}
     eval_start = time.time()
-    evaluations = _evaluate(cfg, train_metrics["student_dir"])
+    evaluations = _evaluate(cfg, train_metrics["student_dir"], shared_engine)
     evaluation = next(iter(evaluations.values()))  # the held-out problems, or the first set
     record = {
         **record_head(cfg, OK),
@@ -194,10 +197,13 @@ def timeline(start: float, fit_start: float, eval_start: float, train_metrics: d
 def _read_traces(path: str) -> Any:
     import ray
 
+    from raykd._compat import parquet_reads_without_footer_pool
+
+    parquet_reads_without_footer_pool()
     return ray.data.read_parquet(path)
 
 
-def _evaluate(cfg: TrialConfig, student_dir: str) -> dict[str, Any]:
+def _evaluate(cfg: TrialConfig, student_dir: str, shared: Any | None) -> dict[str, Any]:
     """The trained student on every evaluation set (one engine; completions kept in the trial folder), or
     on the held-out problems with the spec's evaluation settings. Results by set name."""
     from raykd.evalsets import read_sets_file
@@ -209,6 +215,7 @@ def _evaluate(cfg: TrialConfig, student_dir: str) -> dict[str, Any]:
         "resources": cfg.eval_engine.resources,
         "trust_remote_code": cfg.models.trust_remote_code,
         "log_file": str(cfg.folder / "eval_engine.log"),
+        "shared": shared,
     }
     if cfg.eval_sets_path:
         sets = read_sets_file(cfg.eval_sets_path)

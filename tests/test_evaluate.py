@@ -134,3 +134,69 @@ def test_sampled_evaluation_runs_in_process_without_ray(models: Any, tmp_path: P
     assert sum(result["counts"].values()) == 96
     assert 0.0 <= result["accuracy"] <= 1.0 and result["completion_tokens"] > 0
     assert result["alive"] == []  # the engine process was shut down before returning
+
+
+def _perturbed_copy(source: Path, out: Path) -> Path:
+    """``source`` with other weights (seeded noise) and byte-identical side files: a second 'student'."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * parameter.std() * torch.randn_like(parameter))
+    model.save_pretrained(out / "weights")
+    out.mkdir(exist_ok=True)
+    for item in source.iterdir():
+        if item.is_file() and item.suffix != ".safetensors":
+            shutil.copy2(item, out / item.name)
+    (out / "weights" / "model.safetensors").rename(out / "model.safetensors")
+    shutil.rmtree(out / "weights")
+    return out
+
+
+def _completions(folder: Path) -> list[str]:
+    return (folder / "evaluation.jsonl").read_text().splitlines()
+
+
+@pytest.mark.slow
+def test_shared_engine_serves_each_student_as_its_own_engine_would(models: Any, tmp_path: Path) -> None:
+    """The sweep's shared CPU engine loads each student's weights in place: every completion (sampled, seeded)
+    equals what a fresh engine of that student gives, for a student loaded after another and for the first
+    one loaded again; a reload, not a new engine, served the second."""
+    import ray
+
+    from raykd.evalsets import EvalSet
+    from raykd.evaluate import evaluate_sets, start_shared_engine, stop_shared_engine
+
+    first = Path(models.student_dir)
+    second = _perturbed_copy(first, tmp_path / "second")
+    problems = make_problems("cups", "eval", 24, seed=7)
+    sets = [EvalSet("evaluation", problems, "exact", samples=2, temperature=0.8, top_p=0.95, max_tokens=300)]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        run = {}
+        for name, model in (("first", first), ("second", second)):
+            run[name] = evaluate_sets(model, sets, completions_dir=tmp_path / f"own-{name}")
+        shared = start_shared_engine(0)
+        try:
+            for name, model in (("first", first), ("second", second), ("first-again", first)):
+                log = tmp_path / f"{name}.log"
+                run[f"shared-{name}"] = evaluate_sets(
+                    model, sets, completions_dir=tmp_path / f"shared-{name}", shared=shared, log_file=str(log)
+                )
+        finally:
+            stop_shared_engine(shared)
+    finally:
+        ray.shutdown()
+    assert _completions(tmp_path / "own-first") != _completions(tmp_path / "own-second")  # other weights
+    for name, own in (("first", "first"), ("second", "second"), ("first-again", "first")):
+        assert _completions(tmp_path / f"shared-{name}") == _completions(tmp_path / f"own-{own}"), name
+        assert run[f"shared-{name}"].keys() == run[own].keys()
+        assert run[f"shared-{name}"]["evaluation"].accuracy == run[own]["evaluation"].accuracy
+    # The second student's log holds only the reload line: no engine start wrote vLLM's output there.
+    lines = (tmp_path / "second.log").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"[raykd] weights of {second} loaded in"), lines
