@@ -2,165 +2,21 @@
 GPQA-Diamond, or the held-out split of the training problems, each with its own answer check and sampling.
 
 A set names a local JSONL or Parquet file or a `datasets.save_to_disk` folder (on a cluster, shared storage)
-in one of three layouts:
-
-- ``problem_answer``: a prompt field and an answer field (AIME: problem/answer; MATH-500:
-  problem/answer/solution, the solution unused). Defaults: ``problem`` and ``answer``.
-- ``gpqa``: a question, its correct answer and the wrong ones in separate fields (GPQA's own layout:
-  ``Question``, ``Correct Answer``, ``Incorrect Answer 1..3``). The choices are shuffled once per question
-  (seeded by its text, so every run shows the same order) and lettered; the reference is the letter.
-- ``choices``: a question, a list of choices, and the answer as a 0-based index, a letter, or the text of
-  one choice. The file's order is kept.
-
-A multiple-choice prompt asks for the letter in ``\\boxed{}``, scored with the ``math`` check (math-verify
-reads ``\\boxed{B}`` and ``\\text{(B)}`` alike). Reading a set checks every row (`raykd.problems.sources`) and
-that the reference answers parse for the set's check; errors name ``evaluation.sets[i]``, the set and key.
+in one of three layouts (raykd.evalsets_layouts reads them). Reading a set checks every row
+(`raykd.problems.sources`) and that the reference answers parse for the set's check; errors name
+``evaluation.sets[i]``, the set and key. A set's spec entry is raykd.evalsets_spec.EvalSetSpec.
 
 Light: pydantic at import, the readers import what a file needs when it is read.
 """
 
 from __future__ import annotations
 
-import hashlib
-import random
-import string
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-LAYOUTS = ("problem_answer", "gpqa", "choices")
-# (prompt_field, answer_field) when the spec leaves them out, per layout.
-DEFAULT_FIELDS = {
-    "problem_answer": ("problem", "answer"),
-    "gpqa": ("Question", "Correct Answer"),
-    "choices": ("question", "answer"),
-}
-GPQA_DISTRACTORS = ("Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
-CHOICE_PROMPT = "Put the letter of the correct choice ({letters}) in \\boxed{{}}."
-
-
-class EvalSetSpec(BaseModel):
-    """One named evaluation set; sampling settings left out come from the `evaluation` section."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    name: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$",
-        max_length=64,
-        description="The set's name in the results (e.g. aime24); letters, digits and _ . + -.",
-    )
-    source: Literal["file", "heldout"] = Field(
-        "file",
-        description="'file' (path: a benchmark file) or 'heldout' (the held-out split of the training "
-        "problems, problems.eval_size of them).",
-    )
-    path: str | None = Field(
-        None,
-        description="JSONL, Parquet or datasets.save_to_disk folder (source: file); on a cluster, shared.",
-    )
-    split: str | None = Field(None, description="The split to read from a saved DatasetDict folder.")
-    layout: Literal[LAYOUTS] = Field(  # type: ignore[valid-type]
-        "problem_answer",
-        description="'problem_answer' (AIME, MATH-500), 'gpqa' (question, correct and incorrect answers in "
-        "fields) or 'choices' (question, a list of choices, the answer's index, letter or text).",
-    )
-    prompt_field: str | None = Field(
-        None,
-        description="Field of the prompt (question); default problem, Question (gpqa), question (choices).",
-    )
-    answer_field: str | None = Field(
-        None,
-        description="Field of the reference answer; default answer, Correct Answer (gpqa), answer (choices).",
-    )
-    id_field: str | None = Field(None, description="Field of a unique problem id; default <name>-<row>.")
-    choices_field: str | None = Field(
-        None, description="Field holding the list of choices (layout: choices)."
-    )
-    distractor_fields: list[str] | None = Field(
-        None,
-        min_length=1,
-        description="Fields of the wrong answers (layout: gpqa); default Incorrect Answer 1, 2 and 3.",
-    )
-    check: Literal["exact", "math"] | None = Field(
-        None,
-        description="Answer check: 'exact' or 'math' (math-verify, \\boxed{}); default 'math' for a file, "
-        "problems.answer_check for the heldout set.",
-    )
-    limit: int | None = Field(None, gt=0, description="Evaluate only the first N problems (a quick check).")
-    size: int | None = Field(
-        None,
-        gt=0,
-        description="The number of problems the file holds (AIME 2024: 30, MATH-500: 500): a file of another "
-        "size is refused, and a dry run on a machine without the file bills this many.",
-    )
-    samples: int | None = Field(None, gt=0, description="Samples per problem; default evaluation.samples.")
-    temperature: float | None = Field(None, ge=0, description="Default evaluation.temperature.")
-    top_p: float | None = Field(None, gt=0, le=1, description="Default evaluation.top_p.")
-    max_tokens: int | None = Field(None, gt=0, description="Default evaluation.max_tokens.")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> EvalSetSpec:
-        problems = _source_problems(self) + _layout_problems(self)
-        if problems:
-            raise ValueError(f"set '{self.name}': " + "; ".join(problems))
-        return self
-
-    def fields(self) -> tuple[str, str]:
-        """(prompt_field, answer_field) with the layout's defaults."""
-        prompt, answer = DEFAULT_FIELDS[self.layout]
-        return self.prompt_field or prompt, self.answer_field or answer
-
-
-def _source_problems(spec: EvalSetSpec) -> list[str]:
-    if spec.source == "file":
-        if spec.path is None:
-            return ["path is required when source is 'file'; name the benchmark file or folder"]
-        if "://" in spec.path:
-            return [f"path {spec.path!r} is a URI; give a file system path (on a cluster, shared storage)"]
-        return []
-    given = [
-        key
-        for key in ("path", "split", "prompt_field", "answer_field", "id_field", "size")
-        if getattr(spec, key)
-    ]
-    if spec.layout != "problem_answer" or spec.choices_field or spec.distractor_fields:
-        given.append("layout")
-    return (
-        [f"source 'heldout' reads the training source's held-out split; drop {', '.join(given)}"]
-        if given
-        else []
-    )
-
-
-def _layout_problems(spec: EvalSetSpec) -> list[str]:
-    problems = []
-    if spec.layout == "choices" and spec.choices_field is None:
-        problems.append("layout 'choices' needs choices_field: the field holding the list of choices")
-    if spec.layout != "choices" and spec.choices_field is not None:
-        problems.append("choices_field applies to layout 'choices'; set layout: choices or drop it")
-    if spec.layout != "gpqa" and spec.distractor_fields is not None:
-        problems.append("distractor_fields applies to layout 'gpqa'; set layout: gpqa or drop it")
-    if spec.layout != "problem_answer" and spec.check == "exact":
-        problems.append(f"layout '{spec.layout}' asks for the letter in \\boxed{{}}; use check: math")
-    return problems
-
-
-def unique_set_names(sets: list[EvalSetSpec]) -> list[EvalSetSpec]:
-    """Reject two sets with one name (their rows in the results would merge)."""
-    seen: dict[str, int] = {}
-    for index, eval_set in enumerate(sets):
-        if eval_set.name in seen:
-            raise ValueError(
-                f"set name '{eval_set.name}' is used by sets {seen[eval_set.name]} and {index}; give each "
-                "set its own name"
-            )
-        seen[eval_set.name] = index
-    return sets
-
-
-# --- reading ---------------------------------------------------------------------------------------------
+from raykd.evalsets_layouts import read_problems
+from raykd.evalsets_spec import EvalSetSpec
 
 
 class EvalSetError(ValueError):
@@ -235,7 +91,7 @@ def read_set(
     if spec.source == "heldout":
         problems, check = list(heldout or []), spec.check or default_check
     else:
-        problems, check = _read_file(spec), spec.check or "math"
+        problems, check = read_problems(spec), spec.check or "math"
         if spec.size is not None and len(problems) != spec.size:
             raise _KeyError(
                 ".size",
@@ -363,12 +219,8 @@ def _key_of(error: ValueError, spec: EvalSetSpec) -> str:
         return ".path" if getattr(error, "path", None) else ".answer_field"
     prompt, answer = spec.fields()
     keys = {prompt: "prompt_field", answer: "answer_field", spec.id_field: "id_field"}
-    keys |= {spec.choices_field: "choices_field"} | dict.fromkeys(_distractors(spec), "distractor_fields")
+    keys |= {spec.choices_field: "choices_field"} | dict.fromkeys(spec.distractors(), "distractor_fields")
     return f".{keys[field]}" if field in keys else ".path"
-
-
-def _distractors(spec: EvalSetSpec) -> list[str]:
-    return list(spec.distractor_fields or GPQA_DISTRACTORS) if spec.layout == "gpqa" else []
 
 
 def _unparseable(problems: list[Any], check: str) -> int:
@@ -376,94 +228,3 @@ def _unparseable(problems: list[Any], check: str) -> int:
 
     # A reference that its own check cannot match to itself is one the check cannot read.
     return sum(not is_correct(p.answer, p.answer, check) for p in problems)  # type: ignore[arg-type]
-
-
-def _read_file(spec: EvalSetSpec) -> list[Any]:
-    from raykd.problems.sources import load_problems, read_rows
-    from raykd.problems.tasks import Problem
-
-    prompt, answer = spec.fields()
-    if spec.layout == "problem_answer":
-        problems = load_problems(spec.path, prompt, answer, spec.id_field, spec.split)  # type: ignore[arg-type]
-        if spec.id_field is None:  # ids name the set, not the file: they seed the samples and key the results
-            problems = [replace(p, id=f"{spec.name}-{row}") for row, p in enumerate(problems)]
-        return problems
-    path = Path(spec.path)  # type: ignore[arg-type]
-    rows = read_rows(path, spec.split)
-    read = _gpqa_row if spec.layout == "gpqa" else _choices_row
-    problems, seen = [], set()
-    for row, record in rows:
-        question, choices, correct = read(path, row, record, spec)
-        problem_id = (
-            f"{spec.name}-{row}" if spec.id_field is None else _field(path, row, record, spec.id_field)
-        )
-        if problem_id in seen:
-            from raykd.problems.sources import ProblemFileError
-
-            raise ProblemFileError(path, f"duplicate id {problem_id!r}", row, spec.id_field)
-        seen.add(problem_id)
-        problems.append(Problem(id=problem_id, prompt=choice_prompt(question, choices), answer=correct))
-    return problems
-
-
-def choice_prompt(question: str, choices: list[str]) -> str:
-    """The multiple-choice prompt: the question, one lettered line per choice, where to put the letter."""
-    letters = string.ascii_uppercase[: len(choices)]
-    lines = [f"{letter}) {choice}" for letter, choice in zip(letters, choices, strict=True)]
-    named = ", ".join(letters[:-1]) + f" or {letters[-1]}"
-    return f"{question.strip()}\n\n" + "\n".join(lines) + "\n\n" + CHOICE_PROMPT.format(letters=named)
-
-
-def _gpqa_row(path: Path, row: int, record: dict[str, Any], spec: EvalSetSpec) -> tuple[str, list[str], str]:
-    prompt, answer = spec.fields()
-    question, correct = _field(path, row, record, prompt), _field(path, row, record, answer).strip()
-    choices = [correct] + [_field(path, row, record, f).strip() for f in _distractors(spec)]
-    # GPQA stores the correct answer in its own column: without a shuffle it would always be choice A.
-    seed = int.from_bytes(hashlib.blake2b(question.encode(), digest_size=8).digest(), "big")
-    random.Random(seed).shuffle(choices)
-    return question, choices, string.ascii_uppercase[choices.index(correct)]
-
-
-def _choices_row(
-    path: Path, row: int, record: dict[str, Any], spec: EvalSetSpec
-) -> tuple[str, list[str], str]:
-    from raykd.problems.sources import ProblemFileError
-
-    prompt, answer = spec.fields()
-    question = _field(path, row, record, prompt)
-    choices = record.get(spec.choices_field)  # type: ignore[arg-type]
-    if (
-        not isinstance(choices, list)
-        or not 2 <= len(choices) <= 26
-        or not all(isinstance(c, str) for c in choices)
-    ):
-        message = "expected a list of 2 to 26 texts"
-        raise ProblemFileError(path, message, row, spec.choices_field)
-    if answer not in record:
-        raise ProblemFileError(
-            path, f"missing field (fields present: {', '.join(sorted(record))})", row, answer
-        )
-    letter = _choice_letter(record[answer], choices)
-    if letter is None:
-        message = f"{record[answer]!r} is not an index, letter or text of the {len(choices)} choices"
-        raise ProblemFileError(path, message, row, answer)
-    return question, [c.strip() for c in choices], letter
-
-
-def _choice_letter(value: Any, choices: list[str]) -> str | None:
-    letters = string.ascii_uppercase[: len(choices)]
-    if isinstance(value, int) and not isinstance(value, bool):
-        return letters[value] if 0 <= value < len(choices) else None
-    if not isinstance(value, str):
-        return None
-    text = value.strip()
-    if len(text) == 1 and text.upper() in letters:
-        return text.upper()
-    stripped = [c.strip() for c in choices]
-    return letters[stripped.index(text)] if text in stripped else None
-
-
-def _field(path: Path, row: int, record: dict[str, Any], field: str) -> str:
-    from raykd.problems.sources import _text
-
-    return _text(path, row, record, field, allow_numbers=True)

@@ -28,7 +28,7 @@ from typing import Any
 
 from raykd.evalsets import EvalSet
 from raykd.files import write_json_atomic
-from raykd.report import References
+from raykd.report_rows import References
 
 FILE = "references.json"
 CACHE = "references"

@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from raykd.evalsets import EvalSetSpec, unique_set_names
+from raykd.evalsets_spec import EvalSetSpec, unique_set_names
 from raykd.grid import duplicate_trial_ids, grid_trials
 from raykd.segments import SEGMENT_NAMES
 from raykd.truncation import POLICIES as TRUNCATION_POLICIES

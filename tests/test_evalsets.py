@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from raykd.evalsets import EvalSetError, EvalSetSpec, choice_prompt, read_set, read_sets
+from raykd.evalsets import EvalSetError, read_set, read_sets
+from raykd.evalsets_layouts import choice_prompt
+from raykd.evalsets_spec import EvalSetSpec
 from raykd.problems.answers import extract_answer, is_correct
 from raykd.spec import EvaluationSpec, SpecError, parse_spec
 

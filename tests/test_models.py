@@ -24,7 +24,8 @@ from hub_cache import add_model, drop_blob, repo_folder
 from raykd import models
 from raykd.models import ModelError, content_id, forwarded_env, hub_snapshot, resolve_models
 from raykd.problems.tasks import make_problems
-from raykd.report import References, write_results
+from raykd.report import write_results
+from raykd.report_rows import References
 from raykd.spec import SpecError, parse_spec
 from raykd.traces import pipeline
 from raykd.traces.store import content_key, fingerprint_path

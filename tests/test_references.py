@@ -15,7 +15,9 @@ import yaml
 
 from raykd import references
 from raykd.evalsets import read_sets
-from raykd.report import References, frontier_figure, write_results
+from raykd.report import write_results
+from raykd.report_plot import frontier_figure
+from raykd.report_rows import References
 from raykd.spec import parse_spec
 
 FIXTURES = Path(__file__).parent / "fixtures" / "evalsets"
@@ -168,7 +170,8 @@ def test_results_show_each_sets_references(tmp_path: Path) -> None:
 
 
 def test_frontier_has_one_panel_per_set_with_that_sets_references(tmp_path: Path) -> None:
-    from raykd.report import aggregate_rows, by_set, complete_rows
+    from raykd.report_rows import by_set, complete_rows
+    from raykd.report_seeds import aggregate_rows
 
     records = set_records()
     rows = complete_rows(by_set(records))

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from raykd.report import References, aggregate_rows, by_set, complete_rows, retained, write_results
+from raykd.report import write_results
+from raykd.report_rows import References, by_set, complete_rows
+from raykd.report_seeds import aggregate_rows, retained
 
 
 def record(f: float, seg: str, acc: float, seed: int = 0, status: str = "ok", **kw) -> dict:
