@@ -203,16 +203,26 @@ def test_a_padded_teacher_samples_only_the_ids_its_tokenizer_holds(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from raykd.traces.checks import emittable_ids
+    from raykd.traces.checks import teacher_rows
     from raykd.traces.pipeline import sampling_params
     from tests.test_traces import make_spec
 
     n = len(AutoTokenizer.from_pretrained(tokenizer_dir))
-    padded = config_only(tmp_path / "padded", tokenizer_dir, n + 64)
-    allowed = emittable_ids(str(padded), str(padded))
-    assert allowed == list(range(n))
-    assert emittable_ids(str(tokenizer_dir), str(config_only(tmp_path / "plain", tokenizer_dir, n))) is None
     spec = make_spec()
-    assert "allowed_token_ids" not in sampling_params(spec)
-    params = sampling_params(spec, allowed)
-    assert params["allowed_token_ids"] == allowed and params["logprobs"] == spec.generation.logprobs_k
+    plain = teacher_rows(str(tokenizer_dir), str(config_only(tmp_path / "plain", tokenizer_dir, n)))
+    assert plain is not None and plain.padding == [] and sampling_params(spec, plain) == sampling_params(spec)
+    assert "logit_bias" not in sampling_params(spec) and "allowed_token_ids" not in sampling_params(spec)
+    # a few padding rows: each gets a bias of -inf
+    padded = config_only(tmp_path / "padded", tokenizer_dir, n + 64)
+    rows = teacher_rows(str(padded), str(padded))
+    assert rows is not None and rows.tokens == list(range(n)) and rows.padding == list(range(n, n + 64))
+    params = sampling_params(spec, rows)
+    assert (
+        params["logit_bias"] == dict.fromkeys(range(n, n + 64), -math.inf)
+        and "allowed_token_ids" not in params
+    )
+    assert params["logprobs"] == spec.generation.logprobs_k
+    # more padding rows than tokens: the tokens are the shorter list
+    wide = config_only(tmp_path / "wide", tokenizer_dir, 3 * n)
+    params = sampling_params(spec, teacher_rows(str(wide), str(wide)))
+    assert params["allowed_token_ids"] == list(range(n)) and "logit_bias" not in params

@@ -168,7 +168,7 @@ def shared_vocabulary(student_weight: Tensor, teacher_weight: Tensor) -> tuple[T
 def check_vocab(student: nn.Module, max_token_id: int | None) -> None:
     """A clear error, before any step, when the traces' token ids (prompts and completions) cannot index the
     student's embedding. The tokenizers were compared on the driver, and generation samples only ids the
-    teacher's tokenizer emits (`raykd.traces.checks.emittable_ids`), so this finds traces made otherwise.
+    teacher's tokenizer holds (`raykd.traces.pipeline.sampling_params`), so this finds traces made otherwise.
     Cached top-k ids past the student's rows are a padded teacher's and are dropped by the loss
     (`raykd.kd.teachers.shared_rows`)."""
     rows = _rows(student.get_input_embeddings().weight)

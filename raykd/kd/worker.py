@@ -119,8 +119,10 @@ class _Run:
             self.teacher = load_teacher(models.teacher_dir, dtype, self.device, models.trust_remote_code)
             self.teacher_shape = ModelShape.of(self.teacher.model)
         student = load_student(models.student_dir, dtype, ds, models.trust_remote_code)
-        max_id = max((int(e.topk_ids.max()) for e in self.examples if e.topk_ids.size), default=-1)
-        check_vocab(student, int(all_reduce([max_id], "max")[0]) if cached else None)
+        max_id = max(
+            (max(int(e.input_ids.max(initial=0)), int(e.target_ids.max())) for e in self.examples), default=-1
+        )
+        check_vocab(student, int(all_reduce([max_id], "max")[0]))
         self.shape = ModelShape.of(student)
         self.pad_id = student.config.pad_token_id if student.config.pad_token_id is not None else 0
         self.engine = build_engine(

@@ -6,6 +6,7 @@ config and tokenizer files (transformers' tokenizer loader), never weights.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from raykd.chat import load_tokenizer
@@ -100,18 +101,27 @@ def check_chat_template(
     )
 
 
-def emittable_ids(tokenizer: str, teacher: str, trust_remote_code: bool = False) -> list[int] | None:
-    """The ids the teacher may sample: those its tokenizer holds, when its embedding has rows past them
-    (padding: Qwen3-8B has 151936 rows for 151669 tokens); None when every row is a token.
+@dataclass(frozen=True)
+class TeacherRows:
+    """A teacher's embedding rows against its tokenizer: ``tokens`` the ids the tokenizer holds, ``padding``
+    the rows it does not (both sorted)."""
 
-    vLLM samples over every row, and an untrained padding row can win: its id decodes to nothing and is past
-    a smaller student's embedding. The sampler masks the other rows out (vLLM's allowed_token_ids) after it
-    has taken the logprobs (raw_logprobs), so the cached top-k still shows the teacher's padding; the KD
-    loss drops those entries (raykd.kd.teachers.shared_rows).
+    tokens: list[int]
+    padding: list[int]
+
+
+def teacher_rows(tokenizer: str, teacher: str, trust_remote_code: bool = False) -> TeacherRows | None:
+    """Which of the teacher's rows are tokens, None when its config.json names no vocab_size.
+
+    Models pad their embeddings past the tokenizer (Qwen3-8B: 151936 rows, 151669 tokens). vLLM samples
+    over every row, and an untrained padding row can win: its id decodes to nothing and is past a smaller
+    student's embedding. Generation masks those rows out of sampling (`raykd.traces.pipeline.sampling_params`)
+    after vLLM has taken the logprobs (raw_logprobs), so the cached top-k still shows them; the KD loss drops
+    them (`raykd.kd.teachers.shared_rows`).
     """
     rows = read_model_config(teacher).get("vocab_size")
     if rows is None:
         return None
     held = set(_teacher_tokenizer(tokenizer, teacher, trust_remote_code).get_vocab().values())
-    ids = sorted(i for i in held if 0 <= i < rows)
-    return None if len(ids) == rows else ids
+    tokens = sorted(i for i in held if 0 <= i < rows)
+    return TeacherRows(tokens, sorted(set(range(rows)) - held))

@@ -139,7 +139,7 @@ def run_generation(
     stage_kwargs = {
         "engine": engine_config(spec, teacher_dir, tokenizer_dir, max_model_len),
         "sampling": sampling_params(
-            spec, checks.emittable_ids(tokenizer_dir, teacher_dir, spec.teacher.trust_remote_code)
+            spec, checks.teacher_rows(tokenizer_dir, teacher_dir, spec.teacher.trust_remote_code)
         ),
         "samples": gen.samples_per_prompt,
         "tokenizer_dir": tokenizer_dir,
@@ -169,9 +169,15 @@ def rendered_prompts(
     return ds, engine_checks.check_context(lengths, gen.max_tokens, context, "generation", spec.teacher.model)
 
 
-def sampling_params(spec: Any, allowed_ids: list[int] | None = None) -> dict[str, Any]:
-    """vLLM sampling settings of the teacher (top-k logprobs at every generated position). ``allowed_ids``:
-    the only ids it may sample, for a teacher with padding rows (`raykd.traces.checks.emittable_ids`)."""
+def sampling_params(spec: Any, rows: checks.TeacherRows | None = None) -> dict[str, Any]:
+    """vLLM sampling settings of the teacher (top-k logprobs at every generated position).
+
+    A teacher with padding rows (``rows``, `raykd.traces.checks.teacher_rows`) never samples them: a bias
+    of -inf on each (vLLM's logit_bias, not clamped when SamplingParams is built directly), or the tokens
+    as vLLM's allowed_token_ids when they are fewer. The shorter list, because vLLM's V2 model runner (its
+    default on GPU) takes at most 1024 ids in either, and each request copies its list. Neither changes
+    the logprobs vLLM reports (taken before any logits processor).
+    """
     gen = spec.generation
     params = {
         "temperature": gen.temperature,
@@ -180,7 +186,11 @@ def sampling_params(spec: Any, allowed_ids: list[int] | None = None) -> dict[str
         "logprobs": gen.logprobs_k,
         "prompt_logprobs": gen.logprobs_k if supervises_prompt(spec) else None,
     }
-    return params if allowed_ids is None else {**params, "allowed_token_ids": allowed_ids}
+    if rows is None or not rows.padding:
+        return params
+    if len(rows.padding) <= len(rows.tokens):
+        return {**params, "logit_bias": dict.fromkeys(rows.padding, -math.inf)}
+    return {**params, "allowed_token_ids": rows.tokens}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
