@@ -232,3 +232,47 @@ def test_full_bootstrap_teacher_solves_and_student_base_does_not(task: str, cach
     # The student base reasons the common, sloppy way (its greedy answers follow the slip), not at random.
     assert built.info["student"]["sloppy_agreement"] >= 0.6
     assert built.info["sequence"]["cot_share"] >= 0.75
+
+
+def test_meanwhile_gets_the_teacher_while_the_student_base_trains(tmp_path: Path) -> None:
+    """The sweep's traces need only the teacher: ``meanwhile`` gets its folder (weights and tokenizer) as soon
+    as it is built, while the student base trains in a process of its own; with the models cached it gets
+    the cached teacher. The student base is there when bootstrap returns."""
+    from transformers import AutoTokenizer
+
+    seen: list[tuple[Path, bool, bool]] = []
+
+    def meanwhile(teacher_dir: Path) -> None:
+        loads = bool(AutoTokenizer.from_pretrained(teacher_dir).chat_template)
+        seen.append((teacher_dir, (teacher_dir / "model.safetensors").is_file(), loads))
+
+    built = _tiny_bootstrap(tmp_path, meanwhile=meanwhile)
+    (building,) = seen
+    assert building[1:] == (True, True) and building[0] != built.teacher_dir  # the build's temporary folder
+    assert (built.student_dir / "model.safetensors").is_file() and 0 <= built.student_accuracy <= 1
+    _tiny_bootstrap(tmp_path, meanwhile=meanwhile)
+    assert seen[1] == (built.teacher_dir, True, True)
+
+
+def test_a_failed_student_base_is_reported_and_leaves_nothing(tmp_path: Path) -> None:
+    """A student base that cannot be built (here: a head size vLLM's CPU attention refuses) fails the
+    bootstrap with the child's traceback, and no half-built folder is left."""
+    from raykd.embedded import ModelSize, Recipe, bootstrap
+
+    recipe = Recipe(**TINY["recipe"])
+    with pytest.raises(RuntimeError, match=r"(?s)training the student base failed.*>= 32"):
+        bootstrap(
+            "cups",
+            0,
+            tmp_path,
+            teacher=ModelSize(**TINY["teacher"]),
+            student=ModelSize(**{**TINY["student"], "heads": 4}),
+            teacher_recipe=recipe,
+            student_recipe=recipe,
+            n_eval=8,
+            n_check=8,
+            threads=1,
+            log=[].append,
+            steps=2,
+        )
+    assert [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
