@@ -287,10 +287,6 @@ def _student_main(sender: Any, folder: str, inputs: dict[str, Any], threads: int
         from transformers import AutoTokenizer
 
         torch.set_num_threads(threads)
-        # Below the work beside it (the teacher's engine): on a small machine the student takes the cores
-        # that work leaves idle instead of slowing it down (measured at equal priority on 2 cores: the
-        # traces took 144 s instead of 44 s, saving nothing). Priority changes no result.
-        os.nice(10)
         tokenizer = AutoTokenizer.from_pretrained(Path(folder) / "tokenizer")
         check_set, eval_set = _held_out(inputs)
         train_set = _train_set(inputs, "student")
