@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -120,14 +119,10 @@ def start_ray(spec: SweepSpec, cache_dir: Path) -> None:
 
 
 def prepare_models(
-    spec: SweepSpec,
-    cache_dir: Path,
-    resolved: dict[str, ResolvedModel] | None = None,
-    meanwhile: Callable[[Path], None] | None = None,
+    spec: SweepSpec, cache_dir: Path, resolved: dict[str, ResolvedModel] | None = None
 ) -> Models:
     """Local folders for the teacher, its tokenizer and the student base: hub ids resolved into the HF cache
-    (``resolved``: already done by the caller, raykd.models.resolve_models), the embedded pair built.
-    ``meanwhile(teacher_dir)``: for the embedded pair, run while the student base trains (its bootstrap)."""
+    (``resolved``: already done by the caller, raykd.models.resolve_models), the embedded pair built."""
     if spec.teacher.model != "embedded":
         resolved = resolved or resolve_models(spec)
         teacher, student = resolved["teacher"], resolved["student"]
@@ -145,11 +140,7 @@ def prepare_models(
 
     _log(f"embedded models for task '{spec.problems.task}' (built once, cached under {cache_dir})")
     built = bootstrap(
-        spec.problems.task,
-        spec.problems.seed,
-        cache_dir / "embedded",
-        steps=spec.problems.steps,
-        meanwhile=meanwhile,
+        spec.problems.task, spec.problems.seed, cache_dir / "embedded", steps=spec.problems.steps
     )
     # The teacher's folder holds the same tokenizer: engines get one folder for both, as with a hub model
     # (vLLM reads a separate tokenizer folder as a model config first, fails, and retries after 2 s).
@@ -160,37 +151,6 @@ def prepare_models(
         built.teacher_accuracy,
         built.student_accuracy,
     )
-
-
-def models_and_traces(
-    spec: SweepSpec,
-    cache_dir: Path,
-    resolved: dict[str, ResolvedModel],
-    train_problems: list[Any],
-    clock: StageClock,
-) -> tuple[Models, Any]:
-    """The models, and the teacher's traces of ``train_problems``. The traces need only the teacher, so the
-    embedded student base trains meanwhile, in a process of its own (the engine leaves a core to spare):
-    stages 'models' (to the teacher), 'traces', then 'student_base' (what its training had left)."""
-    from raykd.traces import generate_traces
-
-    done: list[Any] = []
-
-    def traces_of(teacher_dir: str | Path, tokenizer_dir: str | Path | None = None) -> None:
-        clock.lap("models")
-        # The pair (one vocabulary, a chat template) was checked before Ray: check_pair.
-        folder = str(tokenizer_dir or teacher_dir)
-        traces = generate_traces(spec, train_problems, folder, str(teacher_dir), spec.output.dir)
-        _log(f"traces: {traces.path} {traces.summary}")
-        clock.lap("traces")
-        done.append(traces)
-
-    models = prepare_models(spec, cache_dir, resolved, meanwhile=traces_of)
-    if done:
-        clock.lap("student_base")
-    else:  # hub or folder models: nothing to overlap
-        traces_of(models.teacher_dir, models.tokenizer_dir)
-    return models, done[0]
 
 
 def load_problems(spec: SweepSpec) -> tuple[list[Any], list[Any]]:
@@ -349,12 +309,20 @@ def _run_sweep(spec: SweepSpec, plan: Plan) -> int:
     train_problems, eval_problems = load_problems(spec)
     clock.lap("problems")
     _log(f"{len(train_problems)} training problems, {len(eval_problems)} held-out problems")
-    try:  # the benchmark files, checked before any generation or training
+    try:  # the benchmark files, checked before the models are built and any generation or training
         eval_sets = read_sets(spec, eval_problems)
     except EvalSetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    models, traces = models_and_traces(spec, cache_dir, resolved, train_problems, clock)
+    models = prepare_models(spec, cache_dir, resolved)
+    clock.lap("models")
+
+    from raykd.traces import generate_traces
+
+    # The pair (one vocabulary, a chat template) was checked above, before Ray: check_pair.
+    traces = generate_traces(spec, train_problems, models.tokenizer_dir, models.teacher_dir, spec.output.dir)
+    _log(f"traces: {traces.path} {traces.summary}")
+    clock.lap("traces")
 
     eval_path = write_jsonl_atomic(out / "eval_problems.jsonl", (asdict(p) for p in eval_problems))
 

@@ -11,9 +11,6 @@
   of a trace (a truncated one) tip it over, as in the paper; a base pretrained on shorter chains instead
   never learned to continue a chain past what a truncated trace shows (measured: it lost its ending).
 
-The student base trains in a process of its own once the teacher is built, so that work needing only the
-teacher (``meanwhile``: the sweep generates its traces there) runs beside it.
-
 Everything lands in ``cache_dir/<task>-<key>/`` where the key hashes every input (task, knobs, seed, sizes,
 schedules, this code), written into a temporary folder and renamed, so a crash leaves nothing half-written
 and a second run (or a concurrent one, which waits on a lock) reuses it.
@@ -27,11 +24,9 @@ import functools
 import hashlib
 import inspect
 import json
-import multiprocessing
 import os
 import textwrap
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +91,6 @@ def bootstrap(
     n_check: int = 128,
     threads: int | None = None,
     log: Callable[[str], None] = print,
-    meanwhile: Callable[[Path], None] | None = None,
     **knobs: int,
 ) -> EmbeddedModels:
     """The embedded models for ``task``, built on the first call and read from ``cache_dir`` afterwards.
@@ -106,9 +100,6 @@ def bootstrap(
     ``right_share``: the share of right worked solutions in the student base's pretraining (the rest sloppy).
     ``n_eval`` held-out problems measure the accuracies; ``n_check`` others decide when training may stop.
     ``threads`` defaults to the cores this process may use.
-    ``meanwhile(teacher_dir)``: work that needs only the teacher (its folder holds the tokenizer too), run
-    while the student base trains; with the models already built, run once they are found. The folder it
-    gets is the build's temporary one, renamed when the build ends: keep no path into it.
     """
     resolved = resolve_knobs(task, **knobs)
     teacher_recipe = teacher_recipe or TEACHER_RECIPES[task]
@@ -129,11 +120,9 @@ def bootstrap(
     cache_dir = Path(cache_dir)
     final = cache_dir / f"{task}-{key}"
     # A concurrent bootstrap of the same key waits on build_once's lock, then reuses the folder.
-    build = functools.partial(_build, inputs=inputs, threads=threads, log=log, meanwhile=meanwhile)
+    build = functools.partial(_build, inputs=inputs, threads=threads, log=log)
     if not build_once(final, build, marker=INFO_FILE):
         log(f"embedded models for {task} (seed {seed}) reused from {final}")
-        if meanwhile is not None:
-            meanwhile(final / "teacher")
     return load(final)
 
 
@@ -183,13 +172,7 @@ def _is_docstring(statement: ast.stmt) -> bool:
     )
 
 
-def _build(
-    folder: Path,
-    inputs: dict[str, Any],
-    threads: int | None,
-    log: Callable[[str], None],
-    meanwhile: Callable[[Path], None] | None = None,
-) -> None:
+def _build(folder: Path, inputs: dict[str, Any], threads: int | None, log: Callable[[str], None]) -> None:
     import torch
     from transformers import AutoTokenizer
 
@@ -199,23 +182,21 @@ def _build(
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
-        task = inputs["task"]
+        task, seed, knobs = inputs["task"], inputs["seed"], inputs["knobs"]
         tokenizer = AutoTokenizer.from_pretrained(build_tokenizer(folder / "tokenizer"))
-        check_set, eval_set = _held_out(inputs)
+        problems = make_problems(task, "eval", inputs["n_eval"] + inputs["n_check"], seed, **knobs)
+        check_set, eval_set = problems[: -inputs["n_eval"]], problems[-inputs["n_eval"] :]
         shape = sequence_shape(tokenizer, eval_set)
         max_new = int(shape["completion_max"] * 1.25) + 8
-        train_set = _train_set(inputs, "teacher")
-        teacher = _train_model(
-            folder / "teacher", tokenizer, "teacher", train_set, check_set, eval_set, max_new, inputs, log
-        )
-        # The same thread count as the teacher's: it decides the floating-point order, so the student.
-        child = _StudentProcess(folder, inputs, torch.get_num_threads(), max_new)
-        try:
-            if meanwhile is not None:
-                meanwhile(folder / "teacher")
-            student = child.result()
-        finally:
-            child.stop()
+        trained = {}
+        for role, seed_offset in (("teacher", 0), ("student", 1)):
+            train_set = make_problems(
+                task, "train", _n_train(inputs[f"{role}_recipe"]), seed + seed_offset, **knobs
+            )
+            trained[role] = _train_model(
+                folder / role, tokenizer, role, train_set, check_set, eval_set, max_new, inputs, log
+            )
+        teacher, student = trained["teacher"], trained["student"]
         info = {
             **inputs,
             "teacher": teacher,
@@ -235,72 +216,6 @@ def _build(
         )
     finally:
         torch.set_num_threads(previous_threads)
-
-
-def _held_out(inputs: dict[str, Any]) -> tuple[list[Problem], list[Problem]]:
-    """The check problems (when training may stop) and the eval problems (the accuracies), disjoint."""
-    count = inputs["n_eval"] + inputs["n_check"]
-    problems = make_problems(inputs["task"], "eval", count, inputs["seed"], **inputs["knobs"])
-    return problems[: -inputs["n_eval"]], problems[-inputs["n_eval"] :]
-
-
-def _train_set(inputs: dict[str, Any], role: str) -> list[Problem]:
-    seed = inputs["seed"] + (0 if role == "teacher" else 1)
-    return make_problems(inputs["task"], "train", _n_train(inputs[f"{role}_recipe"]), seed, **inputs["knobs"])
-
-
-class _StudentProcess:
-    """The student base's training in a process of its own (spawned: a fresh interpreter, nothing of this
-    process's Ray or engine state), into ``folder/student``; `result` waits for its statistics."""
-
-    def __init__(self, folder: Path, inputs: dict[str, Any], threads: int, max_new: int):
-        context = multiprocessing.get_context("spawn")
-        self.results, sender = context.Pipe(duplex=False)
-        args = (sender, str(folder), inputs, threads, max_new)
-        self.process = context.Process(target=_student_main, args=args, name="raykd-student-base")
-        self.process.start()
-        sender.close()  # the child holds the only sending end: its exit ends recv() with EOFError
-
-    def result(self) -> dict[str, Any]:
-        try:
-            status, value = self.results.recv()
-        except EOFError:
-            self.process.join()
-            raise RuntimeError(
-                f"the student base's training process ended without a result (exit code "
-                f"{self.process.exitcode}); run the same command again to rebuild the embedded models"
-            ) from None
-        if status != "ok":
-            raise RuntimeError(f"training the student base failed:\n{value}")
-        return value
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            self.process.terminate()
-        self.process.join()
-
-
-def _student_main(sender: Any, folder: str, inputs: dict[str, Any], threads: int, max_new: int) -> None:
-    """The child's side of `_StudentProcess`: train, save, send ("ok", stats) or ("error", traceback)."""
-    try:
-        import torch
-        from transformers import AutoTokenizer
-
-        torch.set_num_threads(threads)
-        tokenizer = AutoTokenizer.from_pretrained(Path(folder) / "tokenizer")
-        check_set, eval_set = _held_out(inputs)
-        train_set = _train_set(inputs, "student")
-        out = Path(folder) / "student"
-        stats = _train_model(out, tokenizer, "student", train_set, check_set, eval_set, max_new, inputs, _say)
-        sender.send(("ok", stats))
-    except BaseException:  # KeyboardInterrupt included: the parent reports it instead of hanging
-        sender.send(("error", traceback.format_exc()))
-    finally:
-        sender.close()
-
-
-def _say(line: str) -> None:
-    print(line, flush=True)
 
 
 def _train_model(
