@@ -170,7 +170,7 @@ class SharedEngine:
     def __init__(self) -> None:
         self.engine: VllmEngine | None = None
         self.key: tuple | None = None
-        self.loaded = ""
+        self.loaded: tuple = ()  # _weights_stamp of the folder whose weights the engine holds
 
     def generate(
         self, config: EngineConfig, prompts: list[list[int]], seeds: list[int], sampling: list[dict[str, Any]]
@@ -178,7 +178,7 @@ class SharedEngine:
         key = _engine_key(config)
         if self.engine is None or key != self.key:
             self._start(config, key)
-        elif config.model != self.loaded:
+        elif _weights_stamp(config.model) != self.loaded:
             try:
                 self._reload(config)
             except Exception as error:  # a model vLLM cannot reload in place: a new engine serves it
@@ -192,13 +192,13 @@ class SharedEngine:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
-        self.engine, self.key, self.loaded = VllmEngine(config), key, config.model
+        self.engine, self.key, self.loaded = VllmEngine(config), key, _weights_stamp(config.model)
 
     def _reload(self, config: EngineConfig) -> None:
         assert self.engine is not None
         started = time.perf_counter()
         self.engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": config.model})
-        self.loaded = config.model
+        self.loaded = _weights_stamp(config.model)
         if config.log_file:  # the engine's own start-up output is in the first student's log
             with open(config.log_file, "a") as log:
                 log.write(
@@ -225,6 +225,17 @@ def _side_files_digest(folder: str) -> str:
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _weights_stamp(folder: str) -> tuple:
+    """The folder and its weight files' (name, size, mtime): a student saved again into the same folder (a
+    retried trial) is not mistaken for the weights already loaded."""
+    files = (
+        sorted(p for p in Path(folder).iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        if Path(folder).is_dir()
+        else []
+    )
+    return (folder, *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
 
 
 def start_shared_engine(eval_gpus: int, resources: dict[str, float] | None = None) -> Any | None:

@@ -46,7 +46,8 @@ from raykd.files import write_json_atomic
 from raykd.problems.answers import STATUSES
 
 # Bump when the row schema or the meaning of a column changes: old folders are then simply not found.
-TRACE_FORMAT = 2
+# 3: a padded teacher no longer samples its padding rows (traces.checks.teacher_rows).
+TRACE_FORMAT = 3
 # Files above this size are fingerprinted by size plus their first and last chunk (hashing 16 GB of
 # safetensors on every sweep start would cost minutes); everything smaller is hashed whole.
 FULL_HASH_LIMIT = 64 * 2**20
