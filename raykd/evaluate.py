@@ -149,8 +149,12 @@ def _generate(
 
         try:
             return ray.get(shared.generate.remote(config, batch.prompts, batch.seeds, batch.sampling))
-        except ray.exceptions.RayActorError:
-            pass  # the shared engine's process is gone (killed, out of memory): an engine of this call's own
+        except ray.exceptions.RayActorError as error:
+            # The shared engine's process is gone (killed, out of memory): an engine of this call's own.
+            print(
+                f"[raykd] the shared evaluation engine is gone ({error}); starting this trial's own",
+                flush=True,
+            )
     return run_engine(config, batch.prompts, batch.seeds, batch.sampling, num_cpus, resources)
 
 
