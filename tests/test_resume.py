@@ -24,9 +24,7 @@ from typing import Any
 
 import pytest
 from test_faults import registered_checkpoint
-from test_train import K, _train_cfg
-
-from raykd.kd import synthetic
+from test_train import _train_cfg, kd_inputs
 
 STEPS = 12  # 32 traces / 8 per step x 3 epochs: the kill after the first checkpoint lands well before the end
 SETTINGS: dict[str, Any] = {"epochs": 3, "zero_stage": 2, "checkpoint_every": 2}
@@ -43,16 +41,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoTokenizer
-
-    from raykd.embedded.tokenizer import build_tokenizer
-
-    root = tmp_path_factory.mktemp("resume")
-    build_tokenizer(root / "tokenizer")
-    vocab = len(AutoTokenizer.from_pretrained(root / "tokenizer"))
-    synthetic.tiny_llama(vocab).save_pretrained(root / "student")
-    synthetic.write_traces(synthetic.synthetic_rows(32, vocab=vocab, k=K, seed=1), root / "traces", files=4)
-    return root
+    return kd_inputs(tmp_path_factory.mktemp("resume"))
 
 
 def _train_workers() -> list[int]:

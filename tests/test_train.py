@@ -303,18 +303,22 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def kd_inputs(root: Path) -> Path:
+    """A trial's inputs under ``root``: the embedded tokenizer, a tiny Llama student, 32 synthetic traces."""
     from transformers import AutoTokenizer
 
     from raykd.embedded.tokenizer import build_tokenizer
 
-    root = tmp_path_factory.mktemp("kd")
     build_tokenizer(root / "tokenizer")
     vocab = len(AutoTokenizer.from_pretrained(root / "tokenizer"))
     synthetic.tiny_llama(vocab).save_pretrained(root / "student")
     synthetic.write_traces(synthetic.synthetic_rows(32, vocab=vocab, k=K, seed=1), root / "traces", files=4)
     return root
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return kd_inputs(tmp_path_factory.mktemp("kd"))
 
 
 def _fit(ray, root: Path, name: str, traces: Path | None = None, **over) -> object:
